@@ -225,7 +225,12 @@ class RopeScaling:
             rope["attention_factor"] = self.attention_factor
         if self.factor is not None:
             rope["factor"] = self.factor
-        fields: dict[str, Any] = {"max_position_embeddings": self.max_position_embeddings}
+        # Top level too: transformers prefers a top-level value over the one in the rope dict,
+        # and Phi3Config defaults it to 4096, which would silently override ours.
+        fields: dict[str, Any] = {
+            "max_position_embeddings": self.max_position_embeddings,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+        }
         if style == "rope_parameters":
             rope["rope_theta"] = self.rope_theta
             fields["rope_parameters"] = rope
@@ -233,7 +238,6 @@ class RopeScaling:
             rope["type"] = "longrope"
             fields["rope_scaling"] = rope
             fields["rope_theta"] = self.rope_theta
-            fields["original_max_position_embeddings"] = self.original_max_position_embeddings
         else:
             raise ValueError(f"style must be 'rope_parameters' or 'rope_scaling', got {style!r}")
         return fields
