@@ -1,0 +1,139 @@
+"""``longrope2 <verb>``: the command-line entry point.
+
+Verbs that need many processes (train, search) are launched with torchrun through the scripts
+in ``launch/``; the verbs here run in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from longrope2.rope.scaling import RopeGeometry
+
+
+def resolve_geometry(args: argparse.Namespace) -> tuple[str, RopeGeometry]:
+    """A model's RoPE from a preset name, a YAML/HF config file or folder, or explicit flags."""
+    explicit = (args.head_dim, args.rope_base, args.original_length)
+    if args.model is None:
+        if None in explicit:
+            raise SystemExit("give a model (preset name, config.yaml, HF config.json or folder) or all of "
+                             "--head-dim, --rope-base and --original-length")
+        return "custom", RopeGeometry(args.head_dim, args.rope_base, args.original_length, args.rotary_percent)
+    if any(v is not None for v in explicit):
+        raise SystemExit("give either a model or --head-dim/--rope-base/--original-length, not both")
+    from longrope2.model.config import ModelConfig
+
+    path = Path(args.model)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise SystemExit(f"{path} not found")
+        return path.parent.name or path.stem, RopeGeometry.from_hf_config(json.loads(path.read_text()))
+    if path.suffix in (".yaml", ".yml"):
+        model = ModelConfig.from_yaml(path)
+    else:
+        try:
+            model = ModelConfig.from_name(args.model)
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+    return model.name, model.rope_geometry
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="preset name (configs/models), config YAML, HF config.json or folder")
+    parser.add_argument("--head-dim", type=int)
+    parser.add_argument("--rope-base", type=float)
+    parser.add_argument("--original-length", type=int, help="pre-training window L_train")
+    parser.add_argument("--rotary-percent", type=float, default=1.0, help="fraction of each head rotated")
+    parser.add_argument("--target-length", type=int, required=True)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from longrope2.rope.report import RopeReport
+
+    name, geometry = resolve_geometry(args)
+    report = RopeReport(name, geometry, args.target_length)
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=1)
+        print()
+    else:
+        report.print_table()
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        report.plot(args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_factors(args: argparse.Namespace) -> int:
+    from longrope2.rope.scaling import RopeScaling
+
+    _, geometry = resolve_geometry(args)
+    params = {}
+    if args.method == "longrope2":
+        if args.critical_dim is None or args.upper_factors is None:
+            raise SystemExit("--method longrope2 needs --critical-dim and --upper-factors (a JSON list or file)")
+        params = {"critical_dim": args.critical_dim, "upper_factors": _json_list(args.upper_factors)}
+    elif args.critical_dim is not None or args.upper_factors is not None:
+        raise SystemExit("--critical-dim/--upper-factors only apply to --method longrope2")
+    try:
+        scaling = RopeScaling.from_method(args.method, geometry, args.target_length, args.attention_factor, **params)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    if args.format == "hf":
+        out = scaling.to_hf_config(args.style)
+    else:
+        out = {"method": args.method, "long_factor": list(scaling.long_factor),
+               "attention_factor": scaling.resolved_attention_factor}
+    json.dump(out, sys.stdout, indent=1)
+    print()
+    return 0
+
+
+def _json_list(text: str) -> list[float]:
+    path = Path(text)
+    raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
+    if isinstance(raw, dict):  # a search result file
+        raw = raw.get("upper_factors", raw.get("long_factor"))
+    if not isinstance(raw, list):
+        raise SystemExit(f"expected a JSON list of factors, got {type(raw).__name__}")
+    return [float(x) for x in raw]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longrope2", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    inspect = verbs.add_parser("inspect", help="RoPE periods, critical dims and each family's factors")
+    _add_model_args(inspect)
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--plot", metavar="FILE.png", help="periods vs window and factor curves")
+    inspect.set_defaults(func=cmd_inspect)
+
+    factors = verbs.add_parser("factors", help="print a rope config for a method (HF longrope format)")
+    _add_model_args(factors)
+    factors.add_argument("--method", required=True, choices=["pi", "ntk", "yarn", "longrope2"])
+    factors.add_argument("--critical-dim", type=int, help="longrope2: the real critical dim d_rcd")
+    factors.add_argument("--upper-factors", help="longrope2: searched factors of pairs >= d_rcd (JSON list or file)")
+    factors.add_argument("--attention-factor", type=float, help="cos/sin scale (default: the method's own)")
+    factors.add_argument("--format", choices=["hf", "json"], default="hf")
+    factors.add_argument("--style", choices=["rope_parameters", "rope_scaling"], default="rope_parameters",
+                         help="transformers >= 5 (rope_parameters) or legacy (rope_scaling)")
+    factors.set_defaults(func=cmd_factors)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `longrope2 ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
