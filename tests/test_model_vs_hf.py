@@ -1,0 +1,100 @@
+"""A tiny LLaMA / Phi-3 built on megatron-core with the dual-cache rotary gives the logits of
+HF transformers' ``longrope`` model, below and above the original window, full and partial rotary."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+
+from longrope2.model.config import ModelConfig
+from longrope2.model.hf_convert import load_hf_into_megatron, megatron_to_hf
+from longrope2.rope import RopeScaling, longrope2_factors
+from longrope2.rope.rotary import DualCacheRotaryEmbedding
+
+ORIGINAL, TARGET = 64, 256
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelDims(tp=1, pp=1, cp=1, world_size=1), seed=1234)
+    yield
+    destroy_parallel()
+
+
+def _tiny(rotary_percent: float, architecture: str) -> ModelConfig:
+    base = ModelConfig.from_name("tiny")
+    return dataclasses.replace(base, original_max_position_embeddings=ORIGINAL, rotary_percent=rotary_percent,
+                               hf_architecture=architecture,
+                               # Phi-3 has no GQA in HF's fused layout test here; LLaMA keeps 2 KV heads
+                               num_query_groups=base.num_query_groups if architecture.startswith("Llama") else 4)
+
+
+def _scaling(cfg: ModelConfig) -> RopeScaling:
+    half = cfg.rotary_dim // 2
+    crit = half // 2
+    s = TARGET / ORIGINAL
+    upper = torch.linspace(1.2 * s, 1.8 * s, half - crit).tolist()
+    factors = longrope2_factors(cfg.rotary_dim, cfg.rope_theta, ORIGINAL, TARGET, crit, upper)
+    return RopeScaling.from_factors(cfg.rope_geometry, TARGET, factors.tolist())
+
+
+@pytest.mark.parametrize("rotary_percent, architecture", [(1.0, "LlamaForCausalLM"), (0.75, "Phi3ForCausalLM")])
+def test_logits_match_transformers_longrope(single_process, rotary_percent, architecture):
+    from longrope2.model.gpt import build_gpt_model
+
+    cfg = _tiny(rotary_percent, architecture)
+    scaling = _scaling(cfg)
+    hf_fields = {**cfg.to_hf_config(), **scaling.to_hf_config(), "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None, "attn_implementation": "eager"}
+    hf_cls, config_cls = (Phi3ForCausalLM, Phi3Config) if architecture.startswith("Phi3") else (LlamaForCausalLM, LlamaConfig)
+    torch.manual_seed(0)
+    hf = hf_cls(config_cls(**hf_fields)).eval()
+    # random norms too, so a swapped norm key cannot hide
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+
+    model = build_gpt_model(cfg, rope_scaling=scaling).eval()
+    assert isinstance(model.rotary_pos_emb, DualCacheRotaryEmbedding)
+    load_hf_into_megatron(model, hf.state_dict(), cfg)
+
+    # the weights map back to HF unchanged (both layouts, LLaMA and Phi-3's fused one)
+    back = dict(megatron_to_hf(model.state_dict(), cfg))
+    for key, tensor in hf.state_dict().items():
+        if key != "lm_head.weight" or not cfg.tie_word_embeddings:
+            assert torch.equal(back[key], tensor), key
+
+    for seq_len in (ORIGINAL // 2, ORIGINAL, ORIGINAL + 8, TARGET):
+        tokens = torch.randint(0, cfg.vocab_size, (2, seq_len))
+        positions = torch.arange(seq_len).expand(2, -1)
+        with torch.no_grad():
+            ours = model(tokens, positions, attention_mask=None)
+            theirs = hf(tokens).logits
+        assert model.rotary_pos_emb.uses_long_factors(seq_len) == (seq_len > ORIGINAL)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"seq_len {seq_len}: {m}")
+
+
+def test_short_inputs_keep_the_original_rope(single_process):
+    """Same weights, rescaled vs original RoPE (attention factor 1 in both): identical logits up
+    to the window, different beyond it."""
+    from longrope2.model.gpt import build_gpt_model
+
+    cfg = _tiny(1.0, "LlamaForCausalLM")
+    scaling = dataclasses.replace(_scaling(cfg), attention_factor=1.0)
+    torch.manual_seed(1)
+    model = build_gpt_model(cfg, rope_scaling=scaling).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, TARGET))
+
+    def logits(length):
+        with torch.no_grad():
+            return model(tokens[:, :length], torch.arange(length)[None], attention_mask=None)
+
+    scaled = logits(ORIGINAL), logits(TARGET)
+    model.rotary_pos_emb.set_scaling(None)
+    plain = logits(ORIGINAL), logits(TARGET)
+    assert torch.equal(scaled[0], plain[0])
+    assert (scaled[1] - plain[1]).abs().max() > 1e-3
