@@ -45,6 +45,7 @@ __all__ = [
     "RClosure",
     "RSpecial",
     "RPersistentRef",
+    "RBuiltin",
     "unserialize",
     "decompress",
     "read_rds",
@@ -456,7 +457,8 @@ class _Reader:
         state = self.item()
         attr = self.item()
         attrs = {t: v for t, v in attr} if isinstance(attr, RPairlist) else {}
-        cls = info[0][1].name if isinstance(info, RPairlist) and info and isinstance(info[0][1], RSymbol) else repr(info)
+        first = info[0][1] if isinstance(info, RPairlist) and info else None
+        cls = first.name if isinstance(first, RSymbol) else repr(info)
         if cls in ("compact_intseq", "compact_realseq"):
             n, n1, inc = state[0], state[1], state[2]
             n = int(n)
@@ -593,6 +595,7 @@ class LazyLoadDB:
         self.variables = self._offsets(d["variables"])
         self.references = self._offsets(d.get("references"))
         self._data = None
+        self._refs: dict = {}
 
     @staticmethod
     def _offsets(lst) -> dict[str, tuple[int, int]]:
@@ -614,16 +617,23 @@ class LazyLoadDB:
             self._data = self.rdb_path.read_bytes()
         if offset < 0 or offset + length > len(self._data):
             raise RDataError(
-                f"record ({offset}, {length}) lies outside {self.rdb_path} ({len(self._data)} bytes)"
+                f"record ({offset}, {length}) lies outside {self.rdb_path} "
+                f"({len(self._data)} bytes)"
             )
         return decompress_record(self._data[offset : offset + length], self.compressed)
 
     def _hook(self, names):
+        """Resolve a persistent reference (``"env::N"``): lazy-load stores each environment
+        as its own record, ``list(bindings, enclos, attributes, isS4, locked)``; that list is
+        returned. Each record is read once, so self-references cannot recurse forever (a
+        reference met while its own record is being read stays an :class:`RPersistentRef`)."""
         key = names[0] if names else None
-        if key in self.references:
-            # environments are stored as list(enclos, frame/bindings, ...); give the raw value
-            return unserialize(self.raw(*self.references[key]), self._hook)
-        return RPersistentRef(names)
+        if key not in self.references:
+            return RPersistentRef(names)
+        if key not in self._refs:
+            self._refs[key] = RPersistentRef(names)  # placeholder while reading
+            self._refs[key] = unserialize(self.raw(*self.references[key]), self._hook)
+        return self._refs[key]
 
     def __getitem__(self, name: str) -> Any:
         if name not in self.variables:
