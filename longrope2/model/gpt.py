@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from longrope2.model.config import ModelConfig, megatron_transformer_config_kwargs
+from longrope2.parallel.layout import ParallelDims
 from longrope2.rope.rotary import install_dual_cache_rotary
 from longrope2.rope.scaling import RopeScaling
 
@@ -78,7 +79,18 @@ def build_gpt_model(
     seq_length: Optional[int] = None,
 ) -> GPTModel:
     """This pipeline stage's ``GPTModel`` (with its TP shard) for ``model_cfg``, using the
-    original RoPE below the original window and ``rope_scaling``'s long factors above it."""
+    original RoPE below the original window and ``rope_scaling``'s long factors above it.
+
+    With ``sequence_parallel`` the norm weights' grads are partial per TP rank: train through
+    megatron's ``DistributedDataParallel`` with ``config.finalize_model_grads_func =
+    finalize_model_grads`` (the schedule then sums them over TP).
+    """
+    ParallelDims(
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+    ).validate(model_cfg)  # clear errors before megatron's asserts
     on_gpu = torch.cuda.is_available()
     use_te = transformer_engine_available()
     fused = use_te  # megatron's fused kernels need TE/apex CUDA extensions
