@@ -167,3 +167,24 @@ def test_rope_scaling_reaches_the_model(single_process):
                                torch.outer(torch.arange(orig, dtype=torch.float32), scaling.short_inv_freq))
     torch.testing.assert_close(rotary(orig + 2)[:, 0, 0, : TINY.rotary_dim // 2],
                                torch.outer(torch.arange(orig + 2, dtype=torch.float32), scaling.long_inv_freq))
+
+
+def test_bf16_build_casts_every_parameter(single_process):
+    """megatron's torch norms ignore params_dtype; build_gpt_model casts them so fused RMSNorm
+    gets matching dtypes, and the loss stays near the fp32 model's."""
+    from longrope2.model.gpt import build_gpt_model
+
+    scaling = _scaling(TINY)
+    fp32 = build_gpt_model(TINY, rope_scaling=scaling)
+    bf16 = build_gpt_model(TINY, rope_scaling=scaling, params_dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert bf16.rotary_pos_emb.long_inv_freq.dtype == torch.float32
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(fp32.named_parameters(), bf16.named_parameters()):
+            q.copy_(p)
+    tokens = torch.randint(0, TINY.vocab_size, (2, 32))
+    positions = torch.arange(32).expand(2, -1)
+    losses = [m(tokens, positions, attention_mask=None, labels=tokens).float().mean() for m in (fp32, bf16)]
+    losses[1].backward()
+    assert abs(losses[0].item() - losses[1].item()) < 0.05
+    assert all(torch.isfinite(p.grad).all() for p in bf16.parameters())

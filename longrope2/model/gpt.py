@@ -127,5 +127,9 @@ def build_gpt_model(
         rotary_base=model_cfg.rope_theta,
         parallel_output=True,
     )
+    # megatron's torch norms (local spec) are built on the CPU in fp32 whatever the config says
+    # (megatron's own training moves the model and wraps it in Float16Module); the rotary,
+    # installed next, keeps fp32 frequencies
+    model.to(device=torch.cuda.current_device() if on_gpu else "cpu", dtype=params_dtype)
     install_dual_cache_rotary(model, rope_scaling, model_cfg.original_max_position_embeddings)
     return model
