@@ -118,6 +118,17 @@ def test_pipeline_parallel_1f1b_matches_reference(results):
     assert stages[1]["loss_abs_err"] <= LOSS_ATOL, stages[1]
 
 
+def test_pipeline_parallel_tied_embeddings_match_reference(results):
+    """The last stage's output layer is the embedding's copy; both stages end with the full
+    (input + output use) embedding gradient."""
+    stages = _checked(results, "pp2_tied_embeddings")
+    assert [(s["has_embedding"], s["has_output_weight"]) for s in stages] == [(True, False), (False, True)]
+    for rank, s in enumerate(stages):
+        assert s["grads"]["count"] == (13 if rank == 0 else 14)
+        _assert_grads(s["grads"], rank)
+    assert stages[1]["loss_abs_err"] <= LOSS_ATOL, stages[1]
+
+
 def test_data_parallel_ddp_matches_reference(results):
     for rank, r in enumerate(_checked(results, "dp2_ddp")):
         assert r["dp"] == 2

@@ -2,7 +2,9 @@
 
 Layers come from megatron's specs: TransformerEngine's when it is importable and CUDA is up,
 else the local spec with torch RMSNorm. Parallel sizes are read from megatron's
-``parallel_state`` (``longrope2.parallel.initialize_parallel`` sets it up).
+``parallel_state`` (``longrope2.parallel.initialize_parallel`` sets it up). Context parallelism
+needs a CP-aware core attention: TransformerEngine's on GPU; megatron's local attention (the
+CPU spec) refuses CP > 1 when it is built.
 """
 
 from __future__ import annotations

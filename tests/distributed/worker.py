@@ -51,11 +51,11 @@ def check(fn):
 # --- model, data, reference ----------------------------------------------------------------
 
 
-def model_config() -> ModelConfig:
+def model_config(tied: bool = False) -> ModelConfig:
     # a larger init than the preset's 0.02 so the loss is far from ln(vocab) and every weight
     # matters (a mis-split shard moves the loss well past the tolerance)
     return dataclasses.replace(ModelConfig.from_name("tiny"), original_max_position_embeddings=ORIGINAL,
-                               init_method_std=0.2)
+                               init_method_std=0.2, tie_word_embeddings=tied)
 
 
 def rope_scaling(cfg: ModelConfig) -> RopeScaling:
@@ -78,10 +78,10 @@ def positions() -> torch.Tensor:
     return torch.arange(SEQ).expand(MICRO_BATCH, -1)
 
 
-def build(sequence_parallel=False):
+def build(sequence_parallel=False, tied=False):
     from longrope2.model.gpt import build_gpt_model
 
-    cfg = model_config()
+    cfg = model_config(tied)
     return build_gpt_model(cfg, rope_scaling=rope_scaling(cfg), sequence_parallel=sequence_parallel, seq_length=SEQ)
 
 
@@ -115,6 +115,8 @@ def tp_shard(key: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor
 
 def reference_key(model, key: str) -> str:
     """Map a stage-local parameter name to the full model's (PP numbers layers per stage)."""
+    if key == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
     m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
     if not m:
         return key
@@ -203,11 +205,11 @@ def grads_of(model) -> dict:
 # --- checks ---------------------------------------------------------------------------------
 
 
-@check
-def reference(ctx):
-    """TP=PP=CP=1 model (world of 2 as DP=2, no communication in the model), same on both ranks."""
+def build_reference(tied: bool = False):
+    """TP=PP=CP=1 model (world of 2 as DP=2, no communication in the model), the same on both
+    ranks; returns the model, its weights, whether both ranks built the same ones, loss, grads."""
     initialize_parallel(ParallelDims(tp=1, pp=1, cp=1), seed=SEED)
-    model = build()
+    model = build(tied=tied)
     with torch.no_grad():  # random norm weights, so a norm grad that is not reduced over TP shows
         for n, p in model.named_parameters():
             if "norm" in n:
@@ -219,16 +221,23 @@ def reference(ctx):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(state[n])
-    ctx.cfg = model_config()
-    ctx.ref_model, ctx.ref_state = model, state
-    ctx.ref_loss, ctx.ref_grads = reference_loss_and_grads(model, make_batches(0))
+    loss, grads = reference_loss_and_grads(model, make_batches(0))
     destroy_parallel()
+    same = all(torch.equal(before[n], state[n]) for n in state)
+    return model, state, same, loss, grads
+
+
+@check
+def reference(ctx):
+    model, state, same, loss, grads = build_reference()
+    ctx.cfg = model_config()
+    ctx.ref_model, ctx.ref_state, ctx.ref_loss, ctx.ref_grads = model, state, loss, grads
     return {
         "rotary_is_dual_cache": isinstance(model.rotary_pos_emb, DualCacheRotaryEmbedding),
         "uses_long_factors": model.rotary_pos_emb.uses_long_factors(SEQ),
         "attention_factor": attention_factor_of(model.config),
         "expected_attention_factor": rope_scaling(ctx.cfg).resolved_attention_factor,
-        "same_init_on_both_ranks": all(torch.equal(before[n], state[n]) for n in state),
+        "same_init_on_both_ranks": same,
         "loss": ctx.ref_loss,
     }
 
@@ -329,6 +338,27 @@ def owned_grad_shard(ddp, model, ref_grads: dict, dp_rank: int, dp_size: int) ->
 def _dp_local_batches(step: int, rank: int, size: int):
     per_rank = NUM_MICRO // size
     return make_batches(step)[rank * per_rank:(rank + 1) * per_rank]
+
+
+@check
+def pp2_tied_embeddings(ctx):
+    """PP=2 with tied input/output embeddings (SmolLM2's layout): the last stage holds a copy of
+    the embedding as its output layer; finalize_model_grads sums the two stages' grads."""
+    _, state, _, ref_loss, ref_grads = build_reference(tied=True)
+    initialize_parallel(ParallelDims(tp=1, pp=2, cp=1), seed=SEED)
+    model = build(tied=True)
+    load_shard(model, state)
+    ddp = wrap_ddp(model)
+    loss = run_schedule(ddp, make_batches(0))
+    result = {
+        "has_embedding": model.pre_process,
+        "has_output_weight": "output_layer.weight" in dict(model.named_parameters()),
+        "loss": loss if model.post_process else None,
+        "loss_abs_err": abs(loss - ref_loss) if model.post_process else None,
+        "grads": compare(model, ref_grads, grads_of(model)),
+    }
+    destroy_parallel()
+    return result
 
 
 @check
