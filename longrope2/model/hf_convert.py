@@ -14,6 +14,7 @@ key names are read from the model, so both specs load.
 
 from __future__ import annotations
 
+import re
 from typing import Iterator, Mapping
 
 import torch
@@ -38,15 +39,19 @@ def _qkv_from_megatron(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tenso
     return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
 
 
-def _norm_keys(layer: str, target_keys: set[str]) -> tuple[str, str]:
-    local = (f"{layer}.input_layernorm.weight", f"{layer}.pre_mlp_layernorm.weight")
-    if local[0] in target_keys:
-        return local
-    return f"{layer}.self_attention.linear_qkv.layer_norm_weight", f"{layer}.mlp.linear_fc1.layer_norm_weight"
+def _uses_te_norms(keys) -> bool:
+    return any(k.endswith("linear_qkv.layer_norm_weight") for k in keys)
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, target_keys: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield megatron (TP=1, PP=1) ``GPTModel`` state-dict entries from an HF state dict."""
+def _norm_keys(layer: str, te_norms: bool) -> tuple[str, str]:
+    if te_norms:
+        return f"{layer}.self_attention.linear_qkv.layer_norm_weight", f"{layer}.mlp.linear_fc1.layer_norm_weight"
+    return f"{layer}.input_layernorm.weight", f"{layer}.pre_mlp_layernorm.weight"
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, te_norms: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield full (TP=1, PP=1) megatron ``GPTModel`` entries from an HF state dict; ``te_norms``
+    names the norms as TransformerEngine's fused layers do."""
     fused = "model.layers.0.self_attn.qkv_proj.weight" in hf  # Phi-3 layout
     yield "embedding.word_embeddings.weight", hf["model.embed_tokens.weight"]
     q_rows = cfg.num_attention_heads * cfg.head_dim
@@ -59,7 +64,7 @@ def hf_to_megatron(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, target_keys
         else:
             q, k, v = (hf[f"{src}.self_attn.{n}_proj.weight"] for n in "qkv")
             fc1 = torch.cat([hf[f"{src}.mlp.gate_proj.weight"], hf[f"{src}.mlp.up_proj.weight"]], dim=0)
-        attn_norm, mlp_norm = _norm_keys(dst, target_keys)
+        attn_norm, mlp_norm = _norm_keys(dst, te_norms)
         yield attn_norm, hf[f"{src}.input_layernorm.weight"]
         yield f"{dst}.self_attention.linear_qkv.weight", _qkv_to_megatron(q, k, v, cfg)
         yield f"{dst}.self_attention.linear_proj.weight", hf[f"{src}.self_attn.o_proj.weight"]
@@ -75,10 +80,10 @@ def megatron_to_hf(mcore: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Itera
     """Yield HF state-dict entries (LLaMA layout, or Phi-3's fused layout for Phi3 architectures)."""
     fused = cfg.hf_architecture.startswith("Phi3")
     yield "model.embed_tokens.weight", mcore["embedding.word_embeddings.weight"]
-    keys = set(mcore)
+    te_norms = _uses_te_norms(mcore)
     for i in range(cfg.num_layers):
         src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
-        attn_norm, mlp_norm = _norm_keys(src, keys)
+        attn_norm, mlp_norm = _norm_keys(src, te_norms)
         q, k, v = _qkv_from_megatron(mcore[f"{src}.self_attention.linear_qkv.weight"], cfg)
         fc1 = mcore[f"{src}.mlp.linear_fc1.weight"]
         yield f"{dst}.input_layernorm.weight", mcore[attn_norm]
@@ -99,16 +104,60 @@ def megatron_to_hf(mcore: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Itera
 
 
 def load_hf_into_megatron(model: torch.nn.Module, hf: Mapping[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Copy HF weights into a TP=1/PP=1 megatron ``GPTModel``; every key and shape must match
-    (nanoGPT's rule: assert before copying), megatron's ``_extra_state`` entries aside."""
-    target = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    converted = dict(hf_to_megatron(hf, cfg, set(target)))
-    missing, unexpected = sorted(set(target) - set(converted)), sorted(set(converted) - set(target))
-    if missing or unexpected:
-        raise KeyError(f"HF -> megatron key mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for key, tensor in converted.items():
-        if tensor.shape != target[key].shape:
-            raise ValueError(f"{key}: HF gives {tuple(tensor.shape)}, the model has {tuple(target[key].shape)}")
+    """Copy HF weights into this rank's ``GPTModel`` (any TP/PP layout). Every parameter must be
+    found and every shape match before anything is copied (nanoGPT's rule); the full state is
+    built once per rank, which is fine up to a few billion parameters."""
+    full = dict(hf_to_megatron(hf, cfg, _uses_te_norms(model.state_dict())))
+    load_shard(model, full)
+
+# --- a full (TP=1, PP=1) megatron state into this rank's stage and TP shard ----------------
+
+
+def tp_shard(key: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This TP rank's part of a full (TP=1) tensor, along megatron's partition dims."""
+    if size == 1:
+        return full
+    if key.endswith("linear_fc1.weight"):
+        # [gate; up]: each rank holds its slice of gate and its slice of up
+        gate_up = full.view(2, full.shape[0] // 2, full.shape[1])
+        return gate_up.chunk(size, dim=1)[rank].reshape(-1, full.shape[1])
+    if key.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
+        # qkv rows are grouped per query group [q.., k, v], so whole groups go to each rank
+        return full.chunk(size, dim=0)[rank]
+    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return full.chunk(size, dim=1)[rank]
+    return full  # norms are replicated
+
+
+def reference_key(model, key: str) -> str:
+    """Map a stage-local parameter name to the full model's (PP numbers layers per stage)."""
+    if key == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
+    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
+    if not m:
+        return key
+    return f"decoder.layers.{model.decoder.layers[int(m[1])].layer_number - 1}.{m[2]}"
+
+
+def shard_like(model, full: Mapping[str, torch.Tensor], fc1_rule=tp_shard) -> dict[str, torch.Tensor]:
+    """This rank's parameters cut from a full state dict; every shape is checked."""
+    from megatron.core import parallel_state as ps
+
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for key, param in model.named_parameters():
+        ref_key = reference_key(model, key)
+        if ref_key not in full:
+            raise KeyError(f"parameter {key} ({ref_key} of the full model) is missing from the source state")
+        shard = fc1_rule(ref_key, full[ref_key], rank, size)
+        if shard.shape != param.shape:
+            raise ValueError(f"{key}: shard {tuple(shard.shape)} vs parameter {tuple(param.shape)}")
+        out[key] = shard
+    return out
+
+
+def load_shard(model, full: Mapping[str, torch.Tensor], fc1_rule=tp_shard) -> None:
+    """Copy this rank's stage and TP shard of a full megatron state dict into ``model``."""
     with torch.no_grad():
-        for key, tensor in converted.items():
-            target[key].copy_(tensor)
+        for key, shard in shard_like(model, full, fc1_rule).items():
+            model.get_parameter(key).copy_(shard)

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from longrope2.model.config import ModelConfig
+from longrope2.model.hf_convert import load_shard, shard_like, tp_shard
 from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
 from longrope2.rope import RopeScaling, longrope2_factors
 from longrope2.rope.rotary import DualCacheRotaryEmbedding, attention_factor_of
@@ -95,52 +96,6 @@ def reference_loss_and_grads(model, batches):
 
 
 # --- sharding the reference into a parallel model -----------------------------------------
-
-
-def tp_shard(key: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This TP rank's part of a full (TP=1) tensor, along megatron's partition dims."""
-    if size == 1:
-        return full
-    if key.endswith("linear_fc1.weight"):
-        # [gate; up]: each rank holds its slice of gate and its slice of up
-        gate_up = full.view(2, full.shape[0] // 2, full.shape[1])
-        return gate_up.chunk(size, dim=1)[rank].reshape(-1, full.shape[1])
-    if key.endswith(("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")):
-        # qkv rows are grouped per query group [q.., k, v], so whole groups go to each rank
-        return full.chunk(size, dim=0)[rank]
-    if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-        return full.chunk(size, dim=1)[rank]
-    return full  # norms are replicated
-
-
-def reference_key(model, key: str) -> str:
-    """Map a stage-local parameter name to the full model's (PP numbers layers per stage)."""
-    if key == "output_layer.weight" and model.share_embeddings_and_output_weights:
-        return "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
-    m = re.match(r"decoder\.layers\.(\d+)\.(.*)", key)
-    if not m:
-        return key
-    return f"decoder.layers.{model.decoder.layers[int(m[1])].layer_number - 1}.{m[2]}"
-
-
-def shard_like(model, full: dict, fc1_rule=tp_shard) -> dict:
-    from megatron.core import parallel_state as ps
-
-    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    out = {}
-    for key, param in model.named_parameters():
-        ref_key = reference_key(model, key)
-        shard = fc1_rule(ref_key, full[ref_key], rank, size)
-        if shard.shape != param.shape:
-            raise ValueError(f"{key}: shard {tuple(shard.shape)} vs parameter {tuple(param.shape)}")
-        out[key] = shard
-    return out
-
-
-def load_shard(model, full: dict, fc1_rule=tp_shard) -> None:
-    with torch.no_grad():
-        for key, shard in shard_like(model, full, fc1_rule).items():
-            model.get_parameter(key).copy_(shard)
 
 
 def compare(model, full_ref: dict, local: dict) -> dict:
