@@ -95,6 +95,22 @@ def cmd_factors(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """One process, or one rank under torchrun (launch/search.py)."""
+    from longrope2.search.run import SearchConfig, run_search
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    try:
+        config = SearchConfig.from_yaml(args.config, overrides)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    result = run_search(config, resume=args.resume)
+    if result is not None:
+        print(json.dumps({k: result[k] for k in ("critical_dim", "needle_ppl", "baselines_needle_ppl", "evaluations")}, indent=1))
+        print(f"results in {config.output_dir}", file=sys.stderr)
+    return 0
+
+
 def _json_list(text: str) -> list[float]:
     path = Path(text)
     raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
@@ -125,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     factors.add_argument("--style", choices=["rope_parameters", "rope_scaling"], default="rope_parameters",
                          help="transformers >= 5 (rope_parameters) or legacy (rope_scaling)")
     factors.set_defaults(func=cmd_factors)
+
+    search = verbs.add_parser("search", help="needle-driven evolutionary search of LongRoPE2 factors")
+    search.add_argument("--config", required=True, help="search YAML (configs/search/)")
+    search.add_argument("--output-dir", help="override the config's output_dir")
+    search.add_argument("--resume", action="store_true", help="continue the search in output_dir")
+    search.set_defaults(func=cmd_search)
     return parser
 
 

@@ -8,13 +8,11 @@ import is paid once); each rank writes its measurements to JSON and the tests be
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun import run_torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -31,20 +29,11 @@ WEIGHT_ATOL = 1e-5
 """Weights after one Adam step (lr 1e-3, so each moves ~1e-3); measured 3e-7."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel_equivalence")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NPROC}",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), "--out", str(out)]
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        proc = run_torchrun(NPROC, str(WORKER), "--out", str(out), timeout=TIMEOUT_S)
         returncode, log = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as exc:
         returncode, log = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"

@@ -111,15 +111,23 @@ def make_needle_documents(
     if not books:
         raise ValueError("no books to build needle documents from")
     rng = np.random.default_rng(seed)
-    tokenized = [(title, encode(text)) for title, text in books]
+    cache: dict[int, list[int]] = {}
+
+    def tokens_of(index: int) -> list[int]:  # books are tokenized only when first used
+        index %= len(books)
+        if index not in cache:
+            cache[index] = encode(books[index][1])
+        return cache[index]
+
     documents = []
     for depth in depths:
         for i in range(count):
-            title, tokens = tokenized[i % len(tokenized)]
+            tokens = tokens_of(i)
             # a book shorter than the document continues into the next books
             following = 1
-            while len(tokens) < length and following < len(tokenized):
-                tokens = tokens + tokenized[(i + following) % len(tokenized)][1]
+            while len(tokens) < length and following < len(books):
+                tokens = tokens + tokens_of(i + following)
                 following += 1
-            documents.append(make_needle_document(encode, tokens, length, rng, depth, title, bos_token_id))
+            documents.append(make_needle_document(encode, tokens, length, rng, depth, books[i % len(books)][0],
+                                                  bos_token_id))
     return documents

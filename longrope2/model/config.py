@@ -6,13 +6,11 @@ layout, precision and rope rescaling are passed alongside, never folded in.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from longrope2 import configs
 from longrope2.rope.frequencies import rotary_dim
 from longrope2.rope.scaling import RopeGeometry
 
@@ -73,27 +71,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "config") -> "ModelConfig":
         """Strict: unknown keys are errors, so a typo never silently falls back to a default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown model keys {unknown}; known keys: {sorted(known)}")
-        missing = sorted(
-            f.name for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.name not in values
-        )
-        if missing:
-            raise ValueError(f"{source}: missing model keys {missing}")
-        return cls(**values)
+        return configs.from_dict(cls, values, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model config {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if "model" in values:  # a run config holds the model under `model:`
-            values = values["model"]
-        return cls.from_dict(values, source=str(path))
+        """A model preset, or the ``model:`` section of a run config."""
+        return configs.load_yaml(cls, path, section="model")
 
     @classmethod
     def from_name(cls, name: str) -> "ModelConfig":

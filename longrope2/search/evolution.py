@@ -184,6 +184,8 @@ class SearchState:
     """Generations finished; 0 = the initial population is being scored."""
     scores: dict[Candidate, float] = field(default_factory=dict)
     """Every candidate ever scored (also the duplicate filter)."""
+    scored_in: dict[Candidate, int] = field(default_factory=dict)
+    """The generation each candidate was scored in."""
     population: list[Candidate] = field(default_factory=list)
     """The current parents (top-k), best first."""
     best_per_generation: list[float] = field(default_factory=list)
@@ -192,7 +194,7 @@ class SearchState:
     def to_dict(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
-            "scored": [{**c.to_dict(), "score": s} for c, s in self.scores.items()],
+            "scored": [{**c.to_dict(), "score": s, "generation": self.scored_in[c]} for c, s in self.scores.items()],
             "population": [c.to_dict() for c in self.population],
             "best_per_generation": self.best_per_generation,
             "rng_state": self.rng_state,
@@ -203,6 +205,7 @@ class SearchState:
         return cls(
             generation=int(data["generation"]),
             scores={Candidate.from_dict(d): float(d["score"]) for d in data["scored"]},
+            scored_in={Candidate.from_dict(d): int(d["generation"]) for d in data["scored"]},
             population=[Candidate.from_dict(d) for d in data["population"]],
             best_per_generation=[float(x) for x in data["best_per_generation"]],
             rng_state=data["rng_state"],
@@ -260,6 +263,7 @@ def advance(state: SearchState, scored: dict[Candidate, float], config: Evolutio
         if not math.isfinite(score):
             score = math.inf
         state.scores[candidate] = score
+        state.scored_in[candidate] = state.generation
     pool = set(state.population) | set(scored)
     ranked = sorted(pool, key=lambda c: (state.scores[c], c.critical_dim, c.upper))
     state.population = ranked[: config.parents]

@@ -1,0 +1,50 @@
+"""Strict YAML -> dataclass loading: unknown keys and missing required keys are errors, nested
+dataclass sections are built recursively, and ``__post_init__`` checks run as usual."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str = "config") -> T:
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; known keys: {sorted(fields)}")
+    missing = sorted(
+        name for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in values
+    )
+    if missing:
+        raise ValueError(f"{source}: missing keys {missing}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+            values[name] = from_dict(hint, value, f"{source}.{name}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{source}: {error}") from None
+
+
+def load_yaml(cls: type[T], path: str | Path, section: str | None = None) -> T:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} not found")
+    values = yaml.safe_load(path.read_text()) or {}
+    if section is not None and section in values:
+        values = values[section]
+    return from_dict(cls, values, source=str(path))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)

@@ -1,0 +1,354 @@
+"""The needle-driven LongRoPE2 search end to end: config, model, documents, pool, outputs.
+
+Run by ``torchrun launch/search.py --config ...`` (or ``longrope2 search``). Every rank runs the
+same deterministic algorithm; the pool shares the scoring; rank 0 writes the files:
+
+    state.json            everything needed to resume, rewritten atomically every generation
+    scores.worker*.jsonl  every score as it is computed (a killed generation is not re-scored)
+    best.json             best factors, critical dim and needle-PPL
+    rope_config.json      HF ``longrope`` fields for config.json (transformers >= 5 style)
+    rope_config.rope_scaling.json   the same in the legacy ``rope_scaling`` style (4.x, vLLM)
+    history.csv           every scored candidate
+    comparison.md         needle-PPL of the searched factors vs original RoPE, PI, NTK, YaRN
+    search.png            best needle-PPL per generation and the factor curves
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrope2 import configs
+from longrope2.search.evolution import EvolutionConfig
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+
+
+@dataclass(kw_only=True)
+class NeedleConfig:
+    documents: int = 4
+    """Needle documents per depth (paper: 10 PG19 books)."""
+    depths: list[float] = field(default_factory=lambda: [0.0])
+    """Needle depths in the haystack; 0 = right after the instruction (the paper's choice)."""
+    seed: int = 0
+    books: list[str] | None = None
+    """Text files or folders (e.g. PG19 validation); None = the embedded public-domain books."""
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    target_length: int
+    """Length of the needle documents and of the extended window."""
+    output_dir: str
+    checkpoint: str | None = None
+    """HF model folder, .gguf file, or ``smollm2`` (the embedded SmolLM2-135M); None = random
+    weights for the ``model`` preset (tests, benchmarks)."""
+    model: str | None = None
+    """Model preset or YAML, used when ``checkpoint`` is None."""
+    tokenizer: str | None = None
+    """None = the checkpoint's; ``hashed-words`` for random-weight models."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    needle: NeedleConfig = field(default_factory=NeedleConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    min_critical_dim: int | None = None
+    """Lowest candidate real critical dim; None = the ten-period dim d10."""
+    max_critical_dim: int | None = None
+    """Highest candidate; None = the theoretical critical dim d_tcd."""
+    grid: float = 0.01
+    baselines: list[str] = field(default_factory=lambda: ["original", "pi", "ntk", "yarn"])
+    """Scored in the same run for the comparison table; also ``file:PATH`` (a JSON factor list)."""
+    dtype: str = "float32"
+    seed: int = 1234
+    worker_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.model is None):
+            raise ValueError("give exactly one of `checkpoint` (HF weights) and `model` (random weights)")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        for name in self.baselines:
+            if name not in ("original", "pi", "ntk", "yarn") and not name.startswith("file:"):
+                raise ValueError(f"unknown baseline {name!r}: use original, pi, ntk, yarn or file:PATH")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SearchConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"search config {path} not found")
+        values = yaml.safe_load(path.read_text()) or {}
+        values.update(overrides or {})
+        return configs.from_dict(cls, values, source=str(path))
+
+
+def scaling_key(scaling) -> str:
+    """Identity of a rope candidate for the score cache."""
+    if scaling is None:
+        return "original"
+    payload = json.dumps([[round(x, 9) for x in scaling.long_factor], round(scaling.resolved_attention_factor, 9)])
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _broadcast_object(obj):
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def load_model_and_tokenizer(config: SearchConfig):
+    """This rank's megatron model (weights loaded) with the dual-cache rotary, its ModelConfig,
+    and the tokenizer."""
+    from longrope2.data import tokenize
+    from longrope2.model.config import ModelConfig
+    from longrope2.model.gpt import build_gpt_model
+    from longrope2.parallel import default_device
+
+    dtype = getattr(torch, config.dtype)
+    if config.checkpoint is not None:
+        from longrope2.model.hf_convert import load_hf_into_megatron
+        from longrope2.model.pretrained import load_hf_causal_lm
+
+        hf, hf_tokenizer = load_hf_causal_lm(config.checkpoint)
+        model_cfg = ModelConfig.from_hf_config(hf.config, name=str(config.checkpoint))
+        model = build_gpt_model(model_cfg, params_dtype=dtype)
+        load_hf_into_megatron(model, {k: v.to(dtype) for k, v in hf.state_dict().items()}, model_cfg)
+        del hf
+        tokenizer = tokenize.from_hf(hf_tokenizer, str(config.checkpoint))
+    else:
+        path = Path(config.model)
+        model_cfg = ModelConfig.from_yaml(path) if path.suffix in (".yaml", ".yml") else ModelConfig.from_name(config.model)
+        torch.manual_seed(config.seed)
+        model = build_gpt_model(model_cfg, params_dtype=dtype)
+        tokenizer = None
+    if config.tokenizer == "hashed-words" or tokenizer is None:
+        if config.tokenizer not in (None, "hashed-words"):
+            raise ValueError(f"tokenizer {config.tokenizer!r}: only the checkpoint's or `hashed-words` is supported")
+        tokenizer = tokenize.hashed_words(model_cfg.vocab_size)
+    return model.to(default_device()).eval(), model_cfg, tokenizer
+
+
+def needle_documents(config: SearchConfig, tokenizer):
+    from longrope2.data.books import load_books, load_text_files
+    from longrope2.data.needle import make_needle_documents
+
+    books = load_text_files(config.needle.books) if config.needle.books else load_books(progress=False)
+    # one extra token: the inputs of a document are then exactly target_length long
+    return make_needle_documents(tokenizer.encode, [(book.title, book.text) for book in books],
+                                 config.target_length + 1, config.needle.documents, seed=config.needle.seed,
+                                 depths=config.needle.depths, bos_token_id=tokenizer.bos_token_id)
+
+
+def baseline_scalings(config: SearchConfig, model_cfg) -> dict[str, Any]:
+    from longrope2.rope.scaling import RopeScaling
+
+    out: dict[str, Any] = {}
+    for name in config.baselines:
+        if name == "original":
+            out[name] = None
+        elif name.startswith("file:"):
+            path = Path(name[5:])
+            if not path.is_file():
+                raise FileNotFoundError(f"baseline factor file {path} not found")
+            data = json.loads(path.read_text())
+            factors = data.get("long_factor", data) if isinstance(data, dict) else data
+            out[path.stem] = RopeScaling.from_factors(model_cfg.rope_geometry, config.target_length, list(factors))
+        else:
+            out[name] = RopeScaling.from_method(name, model_cfg.rope_geometry, config.target_length)
+    return out
+
+
+def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | None:
+    """The search under torchrun (or one process). Returns the best result on rank 0."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from tqdm import tqdm
+
+    from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
+    from longrope2.rope import ten_period_dim, theoretical_critical_dim
+    from longrope2.rope.scaling import RopeScaling
+    from longrope2.search import evolution as evo
+    from longrope2.search.pool import CandidatePool
+    from longrope2.search.scorer import NeedleScorer
+
+    out_dir = Path(config.output_dir)
+    state_path = out_dir / "state.json"
+    dims = initialize_parallel(ParallelDims(tp=config.parallel.tp, pp=config.parallel.pp, cp=config.parallel.cp),
+                               seed=config.seed)
+    rank = dist.get_rank()
+    try:
+        if rank == 0:
+            if state_path.exists() and not resume:
+                raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or choose another output_dir")
+            if resume and not state_path.exists():
+                raise FileNotFoundError(f"--resume: no {state_path} to resume from")
+            out_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+
+        model, model_cfg, tokenizer = load_model_and_tokenizer(config)
+        dims.validate(model=model_cfg, seq_len=config.target_length)
+        geometry = model_cfg.rope_geometry
+        tcd = theoretical_critical_dim(geometry.rotary_dim, geometry.rope_theta, geometry.original_max_position_embeddings)
+        d10 = ten_period_dim(geometry.rotary_dim, geometry.rope_theta, geometry.original_max_position_embeddings)
+        space = evo.SearchSpace(dim=geometry.rotary_dim, base=geometry.rope_theta,
+                                original_length=geometry.original_max_position_embeddings,
+                                target_length=config.target_length,
+                                min_critical_dim=config.min_critical_dim or d10,
+                                max_critical_dim=config.max_critical_dim or tcd, grid=config.grid)
+        documents = needle_documents(config, tokenizer)
+        scorer = NeedleScorer(model, documents)
+
+        # state and every score already computed (rank 0 reads, everyone gets the same)
+        state, known = evo.SearchState(), {}
+        if resume and rank == 0:
+            state = evo.SearchState.from_dict(json.loads(state_path.read_text()))
+            for log in sorted(out_dir.glob("scores.worker*.jsonl")):
+                for line in log.read_text().splitlines():
+                    if line.strip():
+                        entry = json.loads(line)
+                        known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
+        state, known = _broadcast_object((state, known))
+
+        worker = parallel_state.get_data_parallel_rank()
+        pool = CandidatePool(scorer.score, out_dir / f"scores.worker{worker}.jsonl", config.worker_timeout_s)
+        baselines = baseline_scalings(config, model_cfg)
+        base_keys = [scaling_key(s) for s in baselines.values()]
+        total = len(baselines) + config.evolution.population_size + config.evolution.iterations * (
+            config.evolution.mutants + config.evolution.crossovers)
+        bar = tqdm(total=total, desc="needle-PPL evaluations", disable=rank != 0, dynamic_ncols=True)
+        bar.update(sum(k in known for k in base_keys) + len(state.scores))
+        started = time.time()
+
+        base_scores = pool.score("baselines", list(baselines.values()), base_keys, known)
+        bar.update(sum(k not in known for k in base_keys))
+        baseline_results = dict(zip(baselines, base_scores))
+        known.update(zip(base_keys, base_scores))
+        if rank == 0:
+            bar.write("baselines: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline_results.items()))
+
+        while state.generation <= config.evolution.iterations:
+            candidates = evo.propose(state, space, config.evolution)
+            scalings = [RopeScaling.from_factors(geometry, config.target_length, c.factors(space)) for c in candidates]
+            keys = [scaling_key(s) for s in scalings]
+            scores = pool.score(f"gen{state.generation}", scalings, keys, known)
+            bar.update(len(candidates))
+            evo.advance(state, dict(zip(candidates, scores)), config.evolution)
+            if rank == 0:
+                _atomic_write(state_path, json.dumps(state.to_dict()))
+                champion, value = evo.best(state)
+                bar.set_postfix(best=f"{value:.4g}", d_rcd=champion.critical_dim, gen=state.generation - 1)
+        bar.close()
+
+        if rank != 0:
+            return None
+        result = write_outputs(config, out_dir, state, space, geometry, baseline_results, baselines,
+                               tcd, d10, elapsed=time.time() - started, scored_here=pool.scored_here)
+        return result
+    finally:
+        destroy_parallel()
+
+
+def write_outputs(config, out_dir: Path, state, space, geometry, baseline_results, baselines, tcd, d10,
+                  elapsed: float, scored_here: int) -> dict[str, Any]:
+    from longrope2.rope.scaling import RopeScaling
+    from longrope2.search import evolution as evo
+
+    champion, value = evo.best(state)
+    scaling = RopeScaling.from_factors(geometry, config.target_length, champion.factors(space))
+    result = {
+        "target_length": config.target_length,
+        "original_length": geometry.original_max_position_embeddings,
+        "critical_dim": champion.critical_dim,
+        "theoretical_critical_dim": tcd,
+        "ten_period_dim": d10,
+        "upper_factors": [round(u * space.grid, 10) for u in champion.upper],
+        "long_factor": list(scaling.long_factor),
+        "attention_factor": scaling.resolved_attention_factor,
+        "needle_ppl": value,
+        "baselines_needle_ppl": baseline_results,
+        "evaluations": len(state.scores),
+        "generations": state.generation,
+        "seconds": elapsed,
+    }
+    _atomic_write(out_dir / "best.json", json.dumps(result, indent=1))
+    fixed = RopeScaling.from_factors(geometry, config.target_length, list(scaling.long_factor),
+                                     attention_factor=scaling.resolved_attention_factor)
+    _atomic_write(out_dir / "rope_config.json", json.dumps(fixed.to_hf_config("rope_parameters"), indent=1))
+    _atomic_write(out_dir / "rope_config.rope_scaling.json", json.dumps(fixed.to_hf_config("rope_scaling"), indent=1))
+    with open(out_dir / "history.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["generation", "critical_dim", "needle_ppl", "upper_factors"])
+        for cand, score in state.scores.items():
+            writer.writerow([state.scored_in[cand], cand.critical_dim, score,
+                             " ".join(f"{u * space.grid:.2f}" for u in cand.upper)])
+    rows = [f"| {name} | {ppl:.4f} |" for name, ppl in baseline_results.items()]
+    table = "\n".join([
+        f"# LongRoPE2 search: {config.target_length} tokens (original window {geometry.original_max_position_embeddings})",
+        "",
+        f"{len(config.baselines)} baselines and {len(state.scores)} candidates over {state.generation} generations "
+        f"on {config.needle.documents * len(config.needle.depths)} needle documents, {elapsed / 60:.1f} min.",
+        "",
+        "| rope | needle-PPL |",
+        "| --- | --- |",
+        *rows,
+        f"| **LongRoPE2 (searched, d_rcd = {champion.critical_dim})** | **{value:.4f}** |",
+        "",
+        f"Critical dims: found d_rcd = {champion.critical_dim}; theoretical d_tcd = {tcd}; ten-period d10 = {d10}.",
+    ])
+    _atomic_write(out_dir / "comparison.md", table + "\n")
+    plot_search(out_dir / "search.png", state, scaling, baselines, baseline_results, champion.critical_dim, tcd)
+    return result
+
+
+def plot_search(path: Path, state, scaling, baselines, baseline_results, critical_dim: int, tcd: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    generations = list(range(len(state.best_per_generation)))
+    left.plot(generations, state.best_per_generation, "k.-", label="LongRoPE2 search (best so far)")
+    for i, (name, ppl) in enumerate(baseline_results.items()):
+        if math.isfinite(ppl):
+            left.axhline(ppl, ls="--", color=f"C{i}", label=f"{name} {ppl:.3g}")
+    left.set_yscale("log")
+    left.set_xlabel("generation (0 = initial population)")
+    left.set_ylabel("needle-driven PPL (answer tokens)")
+    left.legend(fontsize=8)
+    pairs = range(len(scaling.long_factor))
+    right.semilogy(pairs, scaling.long_factor, "k.-", label=f"LongRoPE2, d_rcd = {critical_dim}")
+    for i, (name, other) in enumerate(baselines.items()):
+        if other is not None:
+            right.semilogy(pairs, other.long_factor, ".-", color=f"C{i}", alpha=0.7, label=name)
+    right.axvline(tcd, color="tab:red", ls=":", label=f"d_tcd = {tcd}")
+    right.axvline(critical_dim, color="k", ls=":")
+    right.set_xlabel("RoPE pair i")
+    right.set_ylabel("rescale factor")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -1,0 +1,109 @@
+"""The search end to end under torchrun on CPU: 2 workers give exactly the 1-process result,
+and a search killed mid-way and resumed ends identical to an uninterrupted one without
+re-scoring anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from torchrun import run_torchrun, torchrun_command, torchrun_env
+
+pytestmark = pytest.mark.distributed
+
+LAUNCH = str(Path(__file__).resolve().parents[1] / "launch" / "search.py")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    """The tiny search with larger random weights (std 0.3) so candidates really differ."""
+    root = tmp_path_factory.mktemp("search")
+    model = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/models/tiny.yaml").read_text())
+    model["init_method_std"] = 0.3
+    (root / "model.yaml").write_text(yaml.safe_dump(model))
+    values = {
+        "model": str(root / "model.yaml"), "tokenizer": "hashed-words", "target_length": 1024,
+        "output_dir": str(root / "unused"), "needle": {"documents": 2},
+        "evolution": {"population_size": 8, "iterations": 4, "parents": 4, "mutants": 3, "crossovers": 3},
+    }
+    path = root / "search.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return root, path
+
+
+def _search(config, name, nproc, *extra):
+    root, path = config
+    out = root / name
+    proc = run_torchrun(nproc, LAUNCH, "--config", str(path), "--output-dir", str(out), *extra)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def _logged_keys(out: Path) -> list[str]:
+    return [json.loads(line)["key"] for log in out.glob("scores.worker*.jsonl") for line in log.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(config):
+    return _search(config, "one-process", 1)
+
+
+def test_two_workers_match_one_process(config, single):
+    double = _search(config, "two-workers", 2)
+    one, two = (json.loads((d / "state.json").read_text()) for d in (single, double))
+    assert one == two  # every candidate, score, generation and RNG state
+    best_one, best_two = (json.loads((d / "best.json").read_text()) for d in (single, double))
+    assert best_one["long_factor"] == best_two["long_factor"]
+    assert best_one["needle_ppl"] == best_two["needle_ppl"]
+    # both workers took candidates, and nothing was scored twice
+    keys = _logged_keys(double)
+    assert len(keys) == len(set(keys)) == len(one["scored"]) + 4  # + the 4 baselines
+    assert all((double / f"scores.worker{w}.jsonl").stat().st_size > 0 for w in (0, 1))
+
+
+def test_outputs_are_complete_and_consistent(single):
+    best = json.loads((single / "best.json").read_text())
+    state = json.loads((single / "state.json").read_text())
+    assert best["needle_ppl"] == min(entry["score"] for entry in state["scored"])
+    assert set(best["baselines_needle_ppl"]) == {"original", "pi", "ntk", "yarn"}
+    rope = json.loads((single / "rope_config.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == "longrope" and rope["long_factor"] == best["long_factor"]
+    assert rope["attention_factor"] == pytest.approx(best["attention_factor"])
+    assert (single / "search.png").stat().st_size > 10_000
+    rows = (single / "history.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(state["scored"])
+    assert "LongRoPE2 (searched" in (single / "comparison.md").read_text()
+
+
+def test_killed_search_resumes_to_the_same_result(config, single):
+    root, path = config
+    out = root / "killed"
+    proc = subprocess.Popen(torchrun_command(2, LAUNCH, "--config", str(path), "--output-dir", str(out)),
+                            env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    state = out / "state.json"
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text() or "{}").get("generation", 0) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(state.read_text())["generation"]
+    assert 2 <= killed_at <= 4
+    before = _logged_keys(out)
+
+    with pytest.raises(AssertionError, match="exists: pass --resume"):
+        _search(config, "killed", 1)
+    _search(config, "killed", 1, "--resume")
+    assert json.loads(state.read_text()) == json.loads((single / "state.json").read_text())
+    after = _logged_keys(out)
+    assert set(before) < set(after)
+    assert len(after) == len(set(after))  # nothing scored twice across the kill
