@@ -154,3 +154,10 @@ def test_context_parallel_rotary_chunks(results, seq_len, long):
         assert got["angles_abs_err"] <= 1e-6
         assert got["reassembled_abs_err"] <= 1e-6
         assert got["rotary_seq_len"] == seq_len, "megatron's rule recovers the full length from a CP chunk"
+
+
+def test_context_parallel_model_matches_reference(results):
+    for rank in _checked(results, "cp2_model"):
+        assert rank["local_tokens"] == 16  # half of the 32-token sequence: chunks r and 3-r
+        assert rank["loss_abs_err"] < LOSS_ATOL, rank
+        assert rank["grads"]["max_rel"] < GRAD_RTOL, rank["grads"]

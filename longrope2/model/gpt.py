@@ -1,10 +1,9 @@
 """Build a LLaMA-style megatron-core ``GPTModel`` with the dual-cache LongRoPE rotary.
 
 Layers come from megatron's specs: TransformerEngine's when it is importable and CUDA is up,
-else the local spec with torch RMSNorm. Parallel sizes are read from megatron's
-``parallel_state`` (``longrope2.parallel.initialize_parallel`` sets it up). Context parallelism
-needs a CP-aware core attention: TransformerEngine's on GPU; megatron's local attention (the
-CPU spec) refuses CP > 1 when it is built.
+else the local spec with torch RMSNorm and our SDPA core attention (``model/attention.py``:
+context parallel and packed documents, which megatron's local attention refuses). Parallel
+sizes are read from megatron's ``parallel_state`` (``longrope2.parallel.initialize_parallel``).
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from longrope2.model.attention import SDPAttention
 from longrope2.model.config import ModelConfig, megatron_transformer_config_kwargs
 from longrope2.parallel.layout import ParallelDims
 from longrope2.rope.rotary import install_dual_cache_rotary
@@ -64,6 +64,8 @@ def _layer_spec(config: TransformerConfig, use_te: bool) -> ModuleSpec:
 
         return get_gpt_layer_with_transformer_engine_spec()
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # megatron's DotProductAttention materialises [b, h, s, s] and refuses CP and packed input
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
     layers = [layer] * get_num_layers_to_build(config)

@@ -444,6 +444,40 @@ def cp2_rotary(ctx):
     return result
 
 
+@check
+def cp2_model(ctx):
+    """CP=2 through the whole model (our SDPA core attention: K/V all-gathered over CP, causal
+    mask from global positions): loss and grads match the reference."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    initialize_parallel(ParallelDims(tp=1, pp=1, cp=2), seed=SEED)
+    cp_group = ps.get_context_parallel_group()
+    model = build()
+    load_shard(model, ctx.ref_state)
+    model.zero_grad(set_to_none=True)
+    batches = make_batches(0)
+    local = 0.0
+    for tokens, labels in batches:
+        part = get_batch_on_this_cp_rank({"tokens": tokens, "labels": labels, "position_ids": positions()})
+        # equal token counts per rank: the global mean is the mean of the ranks' means
+        loss = model(part["tokens"], part["position_ids"], attention_mask=None, labels=part["labels"]).float().mean()
+        (loss / (len(batches) * cp_group.size())).backward()
+        local += loss.item() / (len(batches) * cp_group.size())
+    total = torch.tensor([local], dtype=torch.float64)
+    dist.all_reduce(total, group=cp_group)
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=cp_group)
+    result = {
+        "local_tokens": part["tokens"].shape[1],
+        "loss": total.item(),
+        "loss_abs_err": abs(total.item() - ctx.ref_loss),
+        "grads": compare(model, ctx.ref_grads, grads_of(model)),
+    }
+    destroy_parallel()
+    return result
+
+
 # --- driver -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,75 @@
+"""Our SDPA core attention against megatron's own DotProductAttention, and its packed-document mask."""
+
+import pytest
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from longrope2.model.attention import SDPAttention
+
+HEADS, GROUPS, HEAD_DIM = 4, 2, 16
+
+
+@pytest.fixture(scope="module")
+def config():
+    from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelDims(tp=1, pp=1, cp=1, world_size=1), seed=3)
+    yield TransformerConfig(num_layers=1, hidden_size=HEADS * HEAD_DIM, num_attention_heads=HEADS,
+                            num_query_groups=GROUPS, kv_channels=HEAD_DIM, masked_softmax_fusion=False,
+                            attention_dropout=0.0)
+    destroy_parallel()
+
+
+def _qkv(seq, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(seq, batch, HEADS, HEAD_DIM, generator=g, requires_grad=True)
+    k = torch.randn(seq, batch, GROUPS, HEAD_DIM, generator=g, requires_grad=True)
+    v = torch.randn(seq, batch, GROUPS, HEAD_DIM, generator=g, requires_grad=True)
+    return q, k, v
+
+
+def test_matches_megatron_dot_product_attention_with_gqa(config):
+    ours = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    theirs = DotProductAttention(config, 1, AttnMaskType.causal, "self")
+    q, k, v = _qkv(48)
+    out_ours = ours(q, k, v, None)
+    grads_ours = torch.autograd.grad(out_ours.square().sum(), (q, k, v))
+    out_theirs = theirs(q, k, v, None)
+    grads_theirs = torch.autograd.grad(out_theirs.square().sum(), (q, k, v))
+    assert out_ours.shape == out_theirs.shape == (48, 2, HEADS * HEAD_DIM)
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_packed_documents_do_not_see_each_other(config):
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    lengths = [5, 11, 8]
+    q, k, v = (x[:, 0] for x in _qkv(sum(lengths), batch=1, seed=1))  # THD: [t, heads, d]
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    packed = attention(q, k, v, None, packed_seq_params=params)
+    assert packed.shape == (sum(lengths), HEADS * HEAD_DIM)
+    # each document alone, as its own causal sequence
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = attention(*(x[start:end, None] for x in (q, k, v)), None)[:, 0]
+        torch.testing.assert_close(packed[start:end], alone, rtol=1e-5, atol=1e-6)
+    # and a token of document 2 changes nothing in documents 1 and 3
+    k2 = k.detach().clone()
+    k2[7] += 10.0
+    moved = attention(q, k2, v, None, packed_seq_params=params)
+    assert torch.equal(moved[:5], packed[:5]) and torch.equal(moved[16:], packed[16:])
+    assert not torch.allclose(moved[7:16], packed[7:16])
+
+
+def test_rejects_bad_cu_seqlens(config):
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    q, k, v = (x[:, 0] for x in _qkv(10, batch=1))
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
+    with pytest.raises(ValueError, match="cover 12 tokens, the packed sequence has 10"):
+        attention(q, k, v, None, packed_seq_params=params)
