@@ -91,7 +91,7 @@ class CandidatePool:
         except Exception as error:  # the store raises a plain RuntimeError/DistStoreError on timeout
             missing = [n for n in names if not self.store.check([n])]
             raise WorkerLost(
-                f"{len(missing)} of {count} candidates of {tag} got no score within {self.timeout_s:.0f} s "
+                f"{len(missing)} of {count} candidates of {tag} got no score within {self.timeout_s:g} s "
                 f"(a worker died or hangs). Everything scored so far is saved; rerun with --resume."
             ) from error
         return [json.loads(self.store.get(n))["score"] for n in names]

