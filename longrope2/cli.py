@@ -100,8 +100,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from longrope2.search.run import SearchConfig, run_search
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
-    if args.checkpoint:
-        overrides["checkpoint"] = args.checkpoint
     try:
         config = SearchConfig.from_yaml(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
@@ -110,6 +108,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result is not None:
         print(json.dumps({k: result[k] for k in ("critical_dim", "needle_ppl", "baselines_needle_ppl", "evaluations")}, indent=1))
         print(f"results in {config.output_dir}", file=sys.stderr)
+    return 0
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """Tokenize corpora (default: the embedded books) into a megatron indexed dataset."""
+    from longrope2.data.indexed import prepare_indexed, tokenizer_from_spec
+
+    try:
+        tokenizer, vocab = tokenizer_from_spec(args.tokenizer)
+        stats = prepare_indexed(args.output, tokenizer, vocab, args.inputs, args.min_doc_tokens, args.max_doc_tokens,
+                                args.seed, args.text_field)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"{stats.prefix}.bin/.idx: {stats.documents:,} documents, {stats.tokens:,} tokens "
+          f"from {stats.sources} sources ({tokenizer.name}, vocab {vocab})")
+    if args.window:
+        short, short_tokens, long, long_tokens = stats.short_long(args.window)
+        print(f"  <= {args.window} tokens (short): {short:,} documents, {short_tokens:,} tokens; "
+              f"longer: {long:,} documents, {long_tokens:,} tokens")
     return 0
 
 
@@ -147,9 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     search = verbs.add_parser("search", help="needle-driven evolutionary search of LongRoPE2 factors")
     search.add_argument("--config", required=True, help="search YAML (configs/search/)")
     search.add_argument("--output-dir", help="override the config's output_dir")
-    search.add_argument("--checkpoint", help="override the config's checkpoint (HF folder, .gguf, smollm2)")
     search.add_argument("--resume", action="store_true", help="continue the search in output_dir")
     search.set_defaults(func=cmd_search)
+
+    prepare = verbs.add_parser("prepare-data", help="tokenize text/JSONL/parquet (default: the embedded books) "
+                                                    "into a megatron indexed dataset (.bin/.idx)")
+    prepare.add_argument("inputs", nargs="*", help=".txt books, .jsonl/.parquet records with a text field, or folders")
+    prepare.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin and PREFIX.idx")
+    prepare.add_argument("--tokenizer", required=True, help="hashed-words:VOCAB, smollm2, or an HF tokenizer path/.gguf")
+    prepare.add_argument("--min-doc-tokens", type=int, default=64, help="books are cut into documents of log-uniform "
+                         "lengths between these two")
+    prepare.add_argument("--max-doc-tokens", type=int, default=32768)
+    prepare.add_argument("--text-field", default="text")
+    prepare.add_argument("--window", type=int, help="also count documents <= this original window (short) and longer")
+    prepare.add_argument("--seed", type=int, default=0)
+    prepare.set_defaults(func=cmd_prepare_data)
     return parser
 
 
