@@ -100,6 +100,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from longrope2.search.run import SearchConfig, run_search
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    if args.checkpoint:
+        overrides["checkpoint"] = args.checkpoint
     try:
         config = SearchConfig.from_yaml(args.config, overrides)
     except (ValueError, FileNotFoundError) as error:
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = verbs.add_parser("search", help="needle-driven evolutionary search of LongRoPE2 factors")
     search.add_argument("--config", required=True, help="search YAML (configs/search/)")
     search.add_argument("--output-dir", help="override the config's output_dir")
+    search.add_argument("--checkpoint", help="override the config's checkpoint (HF folder, .gguf, smollm2)")
     search.add_argument("--resume", action="store_true", help="continue the search in output_dir")
     search.set_defaults(func=cmd_search)
 
