@@ -20,5 +20,11 @@ torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT
   launch/search.py "${args[@]}"
 cat runs/default-search/comparison.md
 
-echo "== 4. the searched factors as an HF longrope config"
-head -c 400 runs/default-search/rope_config.json; echo " ..."
+echo "== 4. the searched factors, ready for config.json: runs/default-search/rope_config.json"
+python - <<'PY'
+import json
+best = json.load(open("runs/default-search/best.json"))
+print(f"d_rcd {best['critical_dim']} (d_tcd {best['theoretical_critical_dim']}), attention factor "
+      f"{best['attention_factor']:.4f}, needle-PPL {best['needle_ppl']:.3f}")
+print("long_factor", " ".join(f"{x:.3g}" for x in best["long_factor"]))
+PY
