@@ -1,6 +1,5 @@
 """The candidate pool in one process: store protocol, reuse of known scores, a lost worker."""
 
-import datetime
 
 import pytest
 import torch.distributed as dist

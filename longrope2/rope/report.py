@@ -123,7 +123,7 @@ class RopeReport:
         left.set_title(f"{self.name}: periods, base {self.geometry.rope_theta:g}, rotary dim {self.geometry.rotary_dim}")
         left.legend(fontsize=8)
         for name, values in data["factors"].items():
-            label = f"longrope2 (search seed: d_tcd, flat s)" if name == "longrope2" else name
+            label = "longrope2 (search seed: d_tcd, flat s)" if name == "longrope2" else name
             right.semilogy(pairs, values, ".-", label=label)
         right.axhline(self.scale, color="grey", ls=":", lw=0.8)
         right.axhline(2 * self.scale, color="grey", ls=":", lw=0.8)

@@ -64,11 +64,9 @@ class NeedleScorer:
         self.seq_length = lengths.pop() - 1
         self.device = device or next(model.parameters()).device
         cp = parallel_state.get_context_parallel_world_size()
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if self.seq_length % (2 * cp):
+        if cp > 1 and self.seq_length % (2 * cp):
             raise ValueError(f"needle documents of {self.seq_length + 1} tokens: the {self.seq_length} inputs "
                              f"must divide by 2 x CP = {2 * cp}")
-        self._tp = tp
 
     def set_candidate(self, scaling: RopeScaling | None) -> None:
         """Swap the rope in place; the attention factor goes to the config every layer reads."""
