@@ -89,7 +89,11 @@ class NeedleScorer:
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
         positions = torch.nonzero(batch["loss_mask"][0] > 0).flatten()
-        with lm_head_only_at(_unwrap(model), positions):
+        core = _unwrap(model)
+        if core.post_process:
+            with lm_head_only_at(core, positions):
+                output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+        else:  # an earlier pipeline stage: hidden states go on to the next stage
             output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
         labels = batch["labels"][:, positions]
         return output, partial(self._loss, labels)
