@@ -9,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausa
 
 from longrope2.model.config import ModelConfig
 from longrope2.model.hf_convert import load_hf_into_megatron, megatron_to_hf
-from longrope2.rope import RopeScaling, longrope2_factors
+from factories import ramp_longrope2_scaling
+
+from longrope2.rope import RopeScaling
 from longrope2.rope.rotary import DualCacheRotaryEmbedding
 
 ORIGINAL, TARGET = 64, 256
@@ -27,18 +29,11 @@ def single_process():
 def _tiny(rotary_percent: float, architecture: str) -> ModelConfig:
     base = ModelConfig.from_name("tiny")
     return dataclasses.replace(base, original_max_position_embeddings=ORIGINAL, rotary_percent=rotary_percent,
-                               hf_architecture=architecture,
-                               # Phi-3 has no GQA in HF's fused layout test here; LLaMA keeps 2 KV heads
-                               num_query_groups=base.num_query_groups if architecture.startswith("Llama") else 4)
+                               hf_architecture=architecture)  # GQA (4 heads, 2 KV heads) in both layouts
 
 
 def _scaling(cfg: ModelConfig) -> RopeScaling:
-    half = cfg.rotary_dim // 2
-    crit = half // 2
-    s = TARGET / ORIGINAL
-    upper = torch.linspace(1.2 * s, 1.8 * s, half - crit).tolist()
-    factors = longrope2_factors(cfg.rotary_dim, cfg.rope_theta, ORIGINAL, TARGET, crit, upper)
-    return RopeScaling.from_factors(cfg.rope_geometry, TARGET, factors.tolist())
+    return ramp_longrope2_scaling(cfg, ORIGINAL, TARGET)
 
 
 @pytest.mark.parametrize("rotary_percent, architecture", [(1.0, "LlamaForCausalLM"), (0.75, "Phi3ForCausalLM")])

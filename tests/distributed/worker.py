@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -31,10 +30,13 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from factories import ramp_longrope2_scaling  # noqa: E402
+
 from longrope2.model.config import ModelConfig
 from longrope2.model.hf_convert import load_shard, shard_like, tp_shard
 from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
-from longrope2.rope import RopeScaling, longrope2_factors
+from longrope2.rope import RopeScaling
 from longrope2.rope.rotary import DualCacheRotaryEmbedding, attention_factor_of
 
 SEED = 1234
@@ -60,12 +62,7 @@ def model_config(tied: bool = False) -> ModelConfig:
 
 
 def rope_scaling(cfg: ModelConfig) -> RopeScaling:
-    half = cfg.rotary_dim // 2
-    crit = half // 2
-    s = TARGET / ORIGINAL
-    upper = torch.linspace(1.2 * s, 1.8 * s, half - crit).tolist()
-    factors = longrope2_factors(cfg.rotary_dim, cfg.rope_theta, ORIGINAL, TARGET, crit, upper)
-    return RopeScaling.from_factors(cfg.rope_geometry, TARGET, factors.tolist())
+    return ramp_longrope2_scaling(cfg, ORIGINAL, TARGET)
 
 
 def make_batches(step: int, count: int = NUM_MICRO) -> list[tuple[torch.Tensor, torch.Tensor]]:
