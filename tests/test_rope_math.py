@@ -114,3 +114,24 @@ def test_unknown_family_lists_known():
 def test_target_shorter_than_window_is_an_error():
     with pytest.raises(ValueError, match="shorter than the original window"):
         family_factors("pi", 64, 1e4, 4096, 2048)
+
+
+# microsoft/Phi-4-mini-instruct config.json (rotary dim 96 = 128 x 0.75, base 1e4, 4k -> 128k)
+PHI4_MINI_LONG_FACTOR = [
+    1, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
+    2.446418898, 2.735880826, 3.059592084, 3.421605075, 3.826451687, 4.279200023, 4.785517845,
+    5.351743533, 5.984965424, 6.693110555, 7.485043894, 8.370679318, 9.36110372, 10.4687158,
+    11.70738129, 13.09260651, 14.64173252, 16.37415215, 18.31155283, 20.47818807, 22.90118105,
+    25.61086418, 28.64115884, 32.03, 32.1, 32.13, 32.23, 32.6, 32.61, 32.64, 32.66, 32.7, 32.71,
+    32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
+]
+
+
+def test_phi4_mini_published_factors_are_longrope2_with_critical_dim_31():
+    """Phi-4-mini's published long_factor is exactly our LongRoPE2 family: searched factors in
+    [s, 2s] = [32, 64] from pair 31 on (on the 0.01 grid), the NTK fill 32.03^(i/31) below."""
+    published = torch.tensor(PHI4_MINI_LONG_FACTOR, dtype=torch.float64)
+    ours = longrope2_factors(96, 10000.0, 4096, 131072, critical_dim=31, upper_factors=PHI4_MINI_LONG_FACTOR[31:])
+    torch.testing.assert_close(ours, published, rtol=1e-8, atol=0)
+    # the found critical dim sits below the theoretical one, as the paper reports
+    assert theoretical_critical_dim(96, 10000.0, 4096) == 34 and ten_period_dim(96, 10000.0, 4096) == 22
