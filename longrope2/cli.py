@@ -132,6 +132,13 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """One rank of mixed context window training (run it under torchrun, as launch/train.py)."""
+    from longrope2.train.trainer import main as train_main
+
+    return train_main(["--config", args.config])
+
+
 def _json_list(text: str) -> list[float]:
     path = Path(text)
     raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
@@ -182,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--window", type=int, help="also count documents <= this original window (short) and longer")
     prepare.add_argument("--seed", type=int, default=0)
     prepare.set_defaults(func=cmd_prepare_data)
+
+    train = verbs.add_parser("train", help="mixed context window training (under torchrun; see launch/train.py)")
+    train.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
+    train.set_defaults(func=cmd_train)
     return parser
 
 

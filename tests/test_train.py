@@ -221,3 +221,26 @@ def test_launch_reports_config_errors_cleanly(tmp_path, data):
                           text=True, timeout=120)
     assert proc.returncode == 2 and "error: indexed dataset(s) not found" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, world", [("llama3_8b_128k", 64), ("phi3_mini_128k", 64), ("smollm2_135m_32k", 1),
+                                         ("tiny", 2)])
+def test_shipped_configs_load_and_their_layout_fits(name, world):
+    """Every preset parses strictly, its layout fits its stated hardware, and the token count in
+    its header is what the numbers give."""
+    import re
+
+    from longrope2.parallel import ParallelDims
+    from longrope2.train.config import TrainConfig
+
+    path = ROOT / "configs" / f"{name}.yaml"
+    config = TrainConfig.from_yaml(path)
+    p = config.parallel
+    dims = ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel, world_size=world)
+    dims.validate(config.model_config(), seq_len=config.seq_length)
+    assert config.global_batch_size % dims.dp == 0
+    header = path.read_text().split("\nmodel:")[0]
+    per_step = f"{config.global_batch_size * config.seq_length:,}"
+    assert per_step in header or name == "tiny", (per_step, header)
+    if name == "tiny":
+        assert re.search(r"= 16,384 tokens", header)
