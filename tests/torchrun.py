@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,5 +25,15 @@ def torchrun_env() -> dict[str, str]:
 
 
 def run_torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(nproc, script, *args), env=torchrun_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    """Like ``subprocess.run``, but a timeout kills the workers too, not only torchrun (its own
+    session, killed as a group), so a hung collective never outlives the test."""
+    cmd = torchrun_command(nproc, script, *args)
+    proc = subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
