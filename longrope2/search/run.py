@@ -217,6 +217,12 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
                                 target_length=config.target_length,
                                 min_critical_dim=config.min_critical_dim or d10,
                                 max_critical_dim=config.max_critical_dim or tcd, grid=config.grid)
+        if config.needle.books is None:  # rank 0 fetches the embedded books once; the rest read the cache
+            if rank == 0:
+                from longrope2.data.books import load_books
+
+                load_books(progress=False)
+            dist.barrier()
         documents = needle_documents(config, tokenizer)
         scorer = NeedleScorer(model, documents)
 
