@@ -13,7 +13,6 @@ import re
 import zlib
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from longrope2.data.needle import make_needle_document
