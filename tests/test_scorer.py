@@ -2,8 +2,6 @@
 
 import dataclasses
 import math
-import re
-import zlib
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from longrope2.data.needle import make_needle_document
+from longrope2.data.tokenize import hashed_words
 from longrope2.model.config import ModelConfig
 from longrope2.rope import RopeScaling
 from longrope2.search.scorer import NeedleScorer, lm_head_only_at
@@ -31,8 +30,7 @@ def model():
 
 
 def _documents(cfg, count=3, length=TARGET + 1):
-    # words and single digits, hashed into the tiny vocabulary
-    encode = lambda text: [zlib.crc32(w.encode()) % cfg.vocab_size for w in re.findall(r"\d|[^\s\d]+", text)]
+    encode = hashed_words(cfg.vocab_size).encode
     hay = encode("the quick brown fox jumps over the lazy dog " * 200)
     rng = np.random.default_rng(0)
     return [make_needle_document(encode, hay, length, rng) for _ in range(count)]

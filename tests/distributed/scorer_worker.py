@@ -9,13 +9,12 @@ import datetime
 import os
 import traceback
 import json
-import re
-import zlib
 
 import numpy as np
 import torch.distributed as dist
 
 from longrope2.data.needle import make_needle_document
+from longrope2.data.tokenize import hashed_words
 from longrope2.model.config import ModelConfig
 from longrope2.model.gpt import build_gpt_model
 from longrope2.model.hf_convert import load_shard
@@ -27,7 +26,7 @@ ORIGINAL, TARGET = 64, 256
 
 
 def documents(cfg):
-    encode = lambda text: [zlib.crc32(w.encode()) % cfg.vocab_size for w in re.findall(r"\d|[^\s\d]+", text)]
+    encode = hashed_words(cfg.vocab_size).encode
     hay = encode("the quick brown fox jumps over the lazy dog and runs far away " * 100)
     rng = np.random.default_rng(0)
     return [make_needle_document(encode, hay, TARGET + 1, rng) for _ in range(3)]
