@@ -107,3 +107,12 @@ def test_killed_search_resumes_to_the_same_result(config, single):
     after = _logged_keys(out)
     assert set(before) < set(after)
     assert len(after) == len(set(after))  # nothing scored twice across the kill
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/search").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_search_preset_loads(path):
+    from longrope2.search.run import SearchConfig
+
+    cfg = SearchConfig.from_yaml(path)
+    assert cfg.target_length > 0 and cfg.output_dir
