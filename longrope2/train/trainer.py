@@ -460,6 +460,9 @@ class Trainer:
             path = path / latest.read_text().strip()
         state = dist_checkpointing.load({"model": self.model.sharded_state_dict()}, str(path))
         self.model.load_state_dict(state["model"])
+        # the optimizer's main (fp32) weights are a copy made when it was built (bf16 runs):
+        # refresh them, or the first step would put the random init back
+        self.optimizer.reload_model_params()
         _print0(f"[ckpt] weights from {path}")
 
     # --- teardown -------------------------------------------------------------------------------
