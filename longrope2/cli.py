@@ -139,6 +139,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(["--config", args.config])
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """HF <-> megatron distributed checkpoints (one process, or under torchrun with --tp/--pp)."""
+    from longrope2.model.convert import run_convert
+
+    return run_convert(args)
+
+
 def _json_list(text: str) -> list[float]:
     path = Path(text)
     raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
@@ -193,6 +200,30 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="mixed context window training (under torchrun; see launch/train.py)")
     train.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
     train.set_defaults(func=cmd_train)
+
+    convert = verbs.add_parser("convert", help="HF <-> megatron distributed checkpoints, streamed tensor by tensor "
+                                               "(torchrun with --tp/--pp: each rank reads/writes its shard)")
+    actions = convert.add_subparsers(dest="action", required=True)
+    to_mcore = actions.add_parser("import-hf", help="HF folder, .gguf or smollm2 -> megatron dist checkpoint")
+    to_mcore.add_argument("--hf", required=True, help="HF folder (safetensors + config.json), a .gguf, or smollm2")
+    to_mcore.add_argument("--output", required=True, help="checkpoint folder (usable as a train config's `load:`)")
+    to_mcore.add_argument("--model", help="preset / model YAML / HF folder the source must match")
+    to_hf = actions.add_parser("export-hf", help="megatron dist checkpoint -> HF folder with the longrope config")
+    to_hf.add_argument("--checkpoint", required=True, help="dist checkpoint folder, or a training output_dir")
+    to_hf.add_argument("--output", required=True, help="HF folder to write (must be empty or absent)")
+    to_hf.add_argument("--model", help="preset / model YAML / HF folder (default: the checkpoint's hf/ from import-hf)")
+    to_hf.add_argument("--rope", help="best.json, rope_config.json, a JSON factor list or a train config YAML")
+    to_hf.add_argument("--target-length", type=int, help="L_target, when --rope does not say it")
+    to_hf.add_argument("--attention-factor", type=float, help="cos/sin scale (default: the file's or HF's)")
+    to_hf.add_argument("--rope-style", choices=["rope_parameters", "rope_scaling"], default="rope_parameters",
+                       help="transformers >= 5 (rope_parameters) or legacy / vLLM (rope_scaling)")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 500MB, ...)")
+    for sub in (to_mcore, to_hf):
+        sub.add_argument("--tp", type=int, default=1, help="tensor parallel size (world size = tp x pp)")
+        sub.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+        sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                         help="weights dtype (auto: the source's)")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -81,13 +81,15 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     seq_length: Optional[int] = None,
+    initialize: bool = True,
 ) -> GPTModel:
     """This pipeline stage's ``GPTModel`` (with its TP shard) for ``model_cfg``, using the
     original RoPE below the original window and ``rope_scaling``'s long factors above it.
 
     With ``sequence_parallel`` the norm weights' grads are partial per TP rank: train through
     megatron's ``DistributedDataParallel`` with ``config.finalize_model_grads_func =
-    finalize_model_grads`` (the schedule then sums them over TP).
+    finalize_model_grads`` (the schedule then sums them over TP). ``initialize=False`` skips the
+    random init (weights are loaded next: checkpoint conversion).
     """
     ParallelDims(
         tp=parallel_state.get_tensor_model_parallel_world_size(),
@@ -115,6 +117,7 @@ def build_gpt_model(
         apply_rope_fusion=fused,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        perform_initialization=initialize,
     )
     if seq_length is None:
         seq_length = rope_scaling.max_position_embeddings if rope_scaling else model_cfg.original_max_position_embeddings
