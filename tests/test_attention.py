@@ -7,7 +7,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from longrope2.model.attention import SDPAttention
+from longrope2.model.attention import SDPAttention, thd_cp_indices
 
 HEADS, GROUPS, HEAD_DIM = 4, 2, 16
 
@@ -73,3 +73,24 @@ def test_rejects_bad_cu_seqlens(config):
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=8, max_seqlen_kv=8)
     with pytest.raises(ValueError, match="cover 12 tokens, the packed sequence has 10"):
         attention(q, k, v, None, packed_seq_params=params)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_thd_cp_indices_are_chunks_r_and_mirror_of_every_document(cp):
+    """TransformerEngine's thd_get_partitioned_indices layout: per document of padded length L,
+    rank r keeps [r c, (r+1) c) and [(2cp-1-r) c, (2cp-r) c), c = L / 2cp; the ranks tile it."""
+    lengths = [8 * cp, 2 * cp, 6 * cp, 2 * cp]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seen = []
+    for r in range(cp):
+        expected = []
+        for start, n in zip(cu[:-1].tolist(), lengths):
+            c = n // (2 * cp)
+            expected += list(range(start + r * c, start + (r + 1) * c))
+            expected += list(range(start + (2 * cp - 1 - r) * c, start + (2 * cp - r) * c))
+        got = thd_cp_indices(cu, r, cp).tolist()
+        assert got == expected
+        seen += got
+    assert sorted(seen) == list(range(int(cu[-1])))
+    with pytest.raises(ValueError, match="not all multiples of 2\\*cp"):
+        thd_cp_indices(torch.tensor([0, 8 * cp + 1], dtype=torch.int32), 0, max(cp, 2))

@@ -81,6 +81,47 @@ def test_missing_pool_is_a_clear_error():
         MixedWindowSampler(short_only, WINDOW, WINDOW, 1.0)
 
 
+def test_padded_short_micro_batches_for_context_parallelism():
+    """pad_multiple = 2 cp: every packed piece padded to a multiple, S tokens in all, the real
+    tokens are the unpadded micro-batch's pieces in order (the tail that no longer fits is left
+    out), padding is masked out of the loss; long micro-batches are untouched."""
+    plain = MixedWindowSampler(corpus(), SEQ, WINDOW, 0.5, seed=4)
+    padded = MixedWindowSampler(corpus(), SEQ, WINDOW, 0.5, seed=4, pad_multiple=4)
+    for i in range(24):
+        a, b = plain[i], padded[i]
+        assert b.tokens.shape == (1, SEQ)
+        if not a.is_short:
+            assert b.cu_seqlens_unpadded is None and torch.equal(a.tokens, b.tokens)
+            continue
+        cu, real = b.cu_seqlens.tolist(), b.cu_seqlens_unpadded.tolist()
+        widths, lengths = torch.diff(b.cu_seqlens), torch.diff(b.cu_seqlens_unpadded)
+        assert cu[0] == 0 and cu[-1] == SEQ and bool((widths % 4 == 0).all())
+        assert b.max_seqlen == int(widths.max()) <= WINDOW, "padded pieces stay within the window"
+        assert bool((lengths <= widths).all()) and bool((widths - lengths < 4).all())
+        skipped = SEQ - real[-1]
+        assert skipped < 4 * len(lengths)
+        real_tokens = torch.cat([b.tokens[0, s:s + n] for s, n in zip(cu, lengths.tolist())])
+        assert torch.equal(real_tokens, a.tokens[0, :real[-1]]), "the same stream tokens, in order"
+        for s, w, n in zip(cu, widths.tolist(), lengths.tolist()):
+            assert b.position_ids[0, s:s + w].tolist() == list(range(w))
+            assert b.loss_mask[0, s + n:s + w].sum() == 0 and b.labels[0, s + n:s + w].sum() == 0
+        params = b.packed_seq_params()
+        assert params.cu_seqlens_q_padded is b.cu_seqlens and params.cu_seqlens_q is b.cu_seqlens_unpadded
+    # deterministic, state = index
+    again = MixedWindowSampler(corpus(), SEQ, WINDOW, 0.5, seed=4, pad_multiple=4)
+    assert all(torch.equal(padded[i].tokens, again[i].tokens) for i in (3, 17, 9))
+    assert all(torch.equal(x.tokens, plain[i].tokens) and x.cu_seqlens_unpadded is None
+               for i, x in enumerate(MixedWindowSampler(corpus(), SEQ, WINDOW, 0.5, seed=4, pad_multiple=1)
+                                     .iterate(0, 8))), "pad_multiple=1 is the unpadded layout"
+
+
+def test_pad_multiple_must_divide_the_window_and_seq_length():
+    with pytest.raises(ValueError, match="original window 64 not divisible by pad_multiple 3"):
+        MixedWindowSampler(corpus(), 129, WINDOW, 0.5, pad_multiple=3)
+    with pytest.raises(ValueError, match="seq_length 130 not divisible by pad_multiple 4"):
+        MixedWindowSampler(corpus(), 130, WINDOW, 0.5, pad_multiple=4)
+
+
 # --- on the model -----------------------------------------------------------------------------
 
 

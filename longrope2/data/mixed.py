@@ -22,6 +22,18 @@ whole state is the next index (an integer) — resuming is ``sampler[i]`` from t
 
 A short document cut at the end of one short micro-batch continues at the start of the next as
 its own piece (positions restart); nothing is dropped.
+
+**Context parallelism** (``pad_multiple = 2 cp``): each rank keeps chunks ``r`` and ``2cp-1-r`` of
+*every* packed piece (TransformerEngine's THD layout), so each piece is padded to a multiple of
+``2 cp``: its real tokens, then padding (token 0, loss mask 0, positions continuing), which only
+later tokens of the same piece could see, so under causal attention no real token sees padding.
+``cu_seqlens`` are then the padded (global) piece boundaries and ``cu_seqlens_unpadded`` the real
+lengths' (megatron's ``cu_seqlens_q_padded`` / ``cu_seqlens_q``). The micro-batch still holds
+exactly ``seq_length`` tokens and still reads stream tokens ``[k S, k S + S]``: what no longer fits
+after the padding (at most ``pad_multiple - 1`` tokens per piece) is skipped, so micro-batch ``i``
+stays a pure function of ``(seed, i, pad_multiple)`` and the state is still the index. The window
+must be a multiple of ``pad_multiple`` so that a padded short piece never passes it (the rotary
+picks the original RoPE by the longest padded piece). ``pad_multiple = 1`` is the unpadded layout.
 """
 
 from __future__ import annotations
@@ -59,6 +71,9 @@ class MicroBatch:
     """int32 piece boundaries ``[0, ..., S]``: the attention segments (``[0, S]`` for long)."""
     max_seqlen: int
     """Longest attention segment: what the rotary sees as the sequence length."""
+    cu_seqlens_unpadded: Optional[torch.Tensor] = None
+    """Padded short micro-batches (``pad_multiple > 1``): int32 cumulative REAL piece lengths
+    (TE's ``cu_seqlens_q``; ``cu_seqlens`` are then the padded boundaries). ``None`` otherwise."""
 
     @property
     def is_short(self) -> bool:
@@ -70,13 +85,20 @@ class MicroBatch:
             return None
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-                               max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        if self.cu_seqlens_unpadded is None:
+            return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                                   max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        # megatron's rotary and our attention read the padded layout; TE both
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens_unpadded,
+                               cu_seqlens_kv=self.cu_seqlens_unpadded, cu_seqlens_q_padded=self.cu_seqlens,
+                               cu_seqlens_kv_padded=self.cu_seqlens, max_seqlen_q=self.max_seqlen,
+                               max_seqlen_kv=self.max_seqlen)
 
     def to(self, device) -> "MicroBatch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        unpadded = None if self.cu_seqlens_unpadded is None else move(self.cu_seqlens_unpadded)
         return MicroBatch(self.index, self.kind, move(self.tokens), move(self.labels), move(self.loss_mask),
-                          move(self.position_ids), move(self.cu_seqlens), self.max_seqlen)
+                          move(self.position_ids), move(self.cu_seqlens), self.max_seqlen, unpadded)
 
 
 class DocumentStore:
@@ -148,7 +170,14 @@ class MixedWindowSampler:
     """Micro-batch ``i`` of the mixed short/long sequence; see the module docstring."""
 
     def __init__(self, store: DocumentStore, seq_length: int, original_window: int, short_fraction: float,
-                 seed: int = 0):
+                 seed: int = 0, pad_multiple: int = 1):
+        if not isinstance(pad_multiple, int) or pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be a positive int, got {pad_multiple!r}")
+        if seq_length % pad_multiple:
+            raise ValueError(f"seq_length {seq_length} not divisible by pad_multiple {pad_multiple}")
+        if short_fraction > 0 and original_window % pad_multiple:
+            raise ValueError(f"original window {original_window} not divisible by pad_multiple {pad_multiple} "
+                             "(2*cp): a padded short document could pass the window and get the rescaled RoPE")
         if seq_length <= original_window:
             raise ValueError(f"seq_length {seq_length} must exceed the original window {original_window} "
                              "(long micro-batches use the rescaled RoPE)")
@@ -159,6 +188,7 @@ class MixedWindowSampler:
         self.original_window = original_window
         self.short_fraction = short_fraction
         self.seed = seed
+        self.pad_multiple = pad_multiple
         self._num = round(short_fraction * _FRACTION_DENOMINATOR)
         lengths = store.lengths
         short = np.flatnonzero((lengths >= 2) & (lengths <= original_window))
@@ -201,16 +231,23 @@ class MixedWindowSampler:
             positions = np.arange(S)
             max_seqlen = S
             kind = "long"
+        labels = np.where(same_doc, labels, 0)
+        unpadded = None
+        if kind == "short" and self.pad_multiple > 1:
+            inputs, labels, same_doc, positions, cu, unpadded = _pad_pieces(inputs, labels, same_doc, cu,
+                                                                           self.pad_multiple)
+            max_seqlen = int(np.diff(cu).max())
         as_row = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(dtype).unsqueeze(0)  # noqa: E731
         return MicroBatch(
             index=index,
             kind=kind,
             tokens=as_row(inputs, torch.int64),
-            labels=as_row(np.where(same_doc, labels, 0), torch.int64),
+            labels=as_row(labels, torch.int64),
             loss_mask=as_row(same_doc, torch.float32),
             position_ids=as_row(positions, torch.int64),
             cu_seqlens=torch.from_numpy(cu),
             max_seqlen=max_seqlen,
+            cu_seqlens_unpadded=None if unpadded is None else torch.from_numpy(unpadded),
         )
 
     def iterate(self, start: int = 0, stop: Optional[int] = None) -> Iterator[MicroBatch]:
@@ -219,3 +256,29 @@ class MixedWindowSampler:
         while stop is None or index < stop:
             yield self[index]
             index += 1
+
+
+def _pad_pieces(inputs, labels, same_doc, cu, multiple: int):
+    """Re-lay the packed pieces of one short micro-batch, each padded to a multiple of
+    ``multiple``, into the same ``S`` slots; the tail that no longer fits is left out (the last
+    piece is cut to the room left, a multiple of ``multiple`` since ``S`` is). Returns inputs,
+    labels, loss mask, positions (continuing into the padding), padded and real cu_seqlens."""
+    S = len(inputs)
+    tokens, targets = np.zeros(S, np.int64), np.zeros(S, np.int64)
+    mask, positions = np.zeros(S, bool), np.zeros(S, np.int64)
+    padded, real = [0], [0]
+    for start, n in zip(cu[:-1].tolist(), np.diff(cu).tolist()):
+        at = padded[-1]
+        room = S - at
+        if room == 0:
+            break
+        n = min(n, room)
+        width = -(-n // multiple) * multiple  # <= room: room is a multiple too
+        tokens[at:at + n] = inputs[start:start + n]
+        targets[at:at + n] = labels[start:start + n]
+        mask[at:at + n] = same_doc[start:start + n]
+        positions[at:at + width] = np.arange(width)
+        padded.append(at + width)
+        real.append(real[-1] + n)
+    assert padded[-1] == S, (padded[-1], S)  # the real tokens alone fill S, the padded ones more
+    return tokens, targets, mask, positions, np.asarray(padded, np.int32), np.asarray(real, np.int32)

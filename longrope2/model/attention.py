@@ -11,7 +11,12 @@ TransformerEngine path:
   another document;
 * context parallelism: K and V are all-gathered over the CP group and the causal mask is built
   from global positions, the chunks laid out as megatron slices them (rank r holds chunks r and
-  2cp-1-r of 2cp).
+  2cp-1-r of 2cp);
+* packed THD input under context parallelism, in TransformerEngine's layout: every document is
+  padded to a multiple of 2cp and rank r holds chunks r and 2cp-1-r of EACH document
+  (``thd_cp_indices``); K and V are all-gathered, and each query's and key's index in the global
+  packed sequence (hence its document, from the padded ``cu_seqlens``) gives the causal +
+  same-document mask. Padding sits at the end of its document, so no real token sees it.
 
 On GPU the TransformerEngine spec replaces it (TE's fused attention, CP via p2p/a2a).
 """
@@ -58,6 +63,26 @@ def cp_chunk_positions(local_len: int, cp_rank: int, cp_size: int, device=None) 
     return torch.cat([first, second])
 
 
+def thd_cp_indices(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """Indices into the packed (global) THD sequence of the tokens CP rank ``cp_rank`` holds, in
+    its local order: chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` of ``2*cp_size`` of every
+    sequence, sequence by sequence (TransformerEngine's ``thd_get_partitioned_indices``).
+    ``cu_seqlens`` are the padded boundaries: every length must divide by ``2*cp_size``."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths % (2 * cp_size)).any()):
+        raise ValueError(f"packed THD lengths {lengths.tolist()} are not all multiples of 2*cp={2 * cp_size}: "
+                         "pad each document (the sampler's pad_multiple) before splitting it over CP")
+    chunk = lengths // (2 * cp_size)
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), 2 * chunk)
+    local_starts = torch.cumsum(2 * chunk, 0) - 2 * chunk
+    within = torch.arange(seq.numel(), device=cu.device) - local_starts[seq]  # 0 .. 2 chunk - 1
+    c = chunk[seq]
+    first = within < c
+    offset = torch.where(first, cp_rank * c + within, (2 * cp_size - 1 - cp_rank) * c + within - c)
+    return cu[:-1][seq] + offset
+
+
 class SDPAttention(MegatronModule):
     """Drop-in for megatron's ``DotProductAttention`` (causal only)."""
 
@@ -87,9 +112,6 @@ class SDPAttention(MegatronModule):
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         cp_group = self._cp_group()
         if cp_group is not None:
-            if packed:
-                raise NotImplementedError("packed (THD) sequences with context parallelism need the "
-                                          "TransformerEngine spec; on CPU use CP=1 for packed batches")
             key = _AllGatherSequence.apply(key, cp_group)
             value = _AllGatherSequence.apply(value, cp_group)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
@@ -99,7 +121,13 @@ class SDPAttention(MegatronModule):
 
         mask = None
         if packed:
-            mask = self._document_mask(packed_seq_params.cu_seqlens_q, q.shape[2], q.device)
+            # the padded layout when there is one (megatron's rotary reads the same)
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+            if cp_group is None:
+                mask = self._document_mask(cu, q.shape[2], q.device)
+            else:
+                mask = self._cp_document_mask(cu, q.shape[2], cp_group, q.device)
         elif cp_group is not None:
             cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
             q_pos = cp_chunk_positions(q.shape[2], cp_rank, cp_size, q.device)
@@ -123,3 +151,19 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"cu_seqlens cover {doc.numel()} tokens, the packed sequence has {total}")
         index = torch.arange(total, device=device)
         return (doc[:, None] == doc[None, :]) & (index[:, None] >= index[None, :])
+
+    @staticmethod
+    def _cp_document_mask(cu_seqlens: torch.Tensor, local: int, cp_group, device) -> torch.Tensor:
+        """THD under CP: queries are this rank's tokens, keys every rank's (all-gather order);
+        causal within each document by global index, nothing across documents."""
+        cu = cu_seqlens.to(device)
+        cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
+        q_index = thd_cp_indices(cu, cp_rank, cp_size)
+        if q_index.numel() != local:
+            raise ValueError(f"cu_seqlens cover {int(cu[-1])} tokens, {q_index.numel()} on CP rank {cp_rank}; "
+                             f"the local packed sequence has {local}")
+        k_index = torch.cat([thd_cp_indices(cu, r, cp_size) for r in range(cp_size)])
+        bounds = cu[1:].to(torch.int64)
+        q_doc = torch.searchsorted(bounds, q_index, right=True)
+        k_doc = torch.searchsorted(bounds, k_index, right=True)
+        return (q_doc[:, None] == k_doc[None, :]) & (q_index[:, None] >= k_index[None, :])

@@ -6,7 +6,11 @@ position + 1) exceeds the original window. For packed THD input megatron passes 
 document's length, so packed short documents keep the original RoPE.
 
 It is a drop-in for ``GPTModel.rotary_pos_emb`` (same ``forward`` and ``get_rotary_seq_len``);
-megatron keeps applying the angles (``apply_rotary_pos_emb``, CP slicing, THD). Two megatron
+megatron keeps applying the angles (``apply_rotary_pos_emb``, CP slicing, THD). Packed THD input
+under context parallelism gets the unsliced angles of the longest padded document: megatron's
+``_apply_rotary_pos_emb_thd`` cuts each document's chunks r and 2cp-1-r from them along the
+padded ``cu_seqlens`` (``cu_seqlens_q_padded``); the sampler keeps padded short documents within
+the original window, so they still get the original RoPE. Two megatron
 traps are avoided: its module is ``lru_cache``d on the arguments, so factors swapped in place
 would return stale angles (ours keys the cache on a factor version), and the attention factor
 (cos/sin scale) has no GPT-path setting, so ``set_attention_factor`` routes it through the
