@@ -167,6 +167,26 @@ def test_rope_from_best_json_and_legacy_style(imported, tmp_path):
     assert hf.config.rope_parameters["rope_type"] == "longrope"
 
 
+def test_export_from_a_training_output_dir(imported, tmp_path):
+    """A trainer's ``output_dir`` (``checkpoints/latest`` -> ``iter_N``, optimizer and step next
+    to the model) exports like the checkpoint it names."""
+    from megatron.core import dist_checkpointing
+
+    from longrope2.model.convert import export_hf
+    from longrope2.model.gpt import build_gpt_model
+
+    _, models = imported
+    m, cfg = models["llama3"]
+    model = build_gpt_model(cfg, initialize=False)
+    model.load_state_dict(dist_checkpointing.load({"model": model.sharded_state_dict()}, str(m / "ck_tp1"))["model"])
+    step = tmp_path / "run" / "checkpoints" / "iter_0000003"
+    step.mkdir(parents=True)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "step": 3}, str(step))
+    (step.parent / "latest").write_text("iter_0000003\n")
+    export_hf(tmp_path / "run", tmp_path / "out", cfg, hf_meta=m / "hf", progress=False)
+    assert_same_tensors(hf_tensors(m / "hf"), hf_tensors(tmp_path / "out"))
+
+
 def test_clear_errors(imported, tmp_path):
     from longrope2.model.convert import export_hf, import_hf, resolve_rope
 
