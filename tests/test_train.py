@@ -1,5 +1,6 @@
 """The training loop end to end on CPU (gloo): configs/tiny.yaml under torchrun; TP=2, TP=2+SP,
-PP=2 (1F1B), DP=2 and CP=2 give the loss curve of one process; SIGKILL mid-run then resume gives
+PP=2 (1F1B), DP=2 and CP=2 (long only, and mixed: packed short THD micro-batches split over CP)
+give the loss curve of one process; SIGKILL mid-run then resume gives
 the steps of an uninterrupted run; config errors come before any work."""
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ STEPS = 8
 LOSS_RTOL = 1e-5
 """Per-step loss of a parallel layout vs one process, relative (loss ~6.2, fp32, 8 Adam steps at
 lr up to 1e-3 with clipping): reduction order differs under TP/PP/DP/CP. Measured over 8 steps:
-dp2 3.9e-8, tp2 1.9e-8, tp2+sp 2.0e-8, pp2 0, cp2 2.0e-8 (printed with -s)."""
+dp2 3.9e-8, tp2 1.9e-8, tp2+sp 2.0e-8, pp2 0, cp2 2.0e-8, cp2 mixed (THD + CP) 5.9e-8
+(printed with -s)."""
 GRAD_NORM_RTOL = 1e-4
 """Grad norms (~0.5) come from reduce-scattered shards; measured max 6.9e-7 (tp2 earlier run), 3.6e-7."""
 
@@ -93,16 +95,21 @@ LAYOUTS_2 = {
     "tp2_sp": {"parallel.tp": 2, "parallel.sequence_parallel": True},
     "pp2": {"parallel.pp": 2},
     "cp2_long": {"parallel.cp": 2, "data.short_fraction": 0.0},
+    "cp2_mixed": {"parallel.cp": 2},  # short documents padded to multiples of 2cp = 4, split over CP
 }
+REFERENCE = {"cp2_long": "ref_long", "cp2_mixed": "ref_pad4"}
+"""One-process runs on the same data: CP=2 pads packed documents to multiples of 4 (the sampler's
+pad_multiple), so its reference pads them too."""
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
-    """One process: the reference (mixed) and a long-only reference for CP; then every 2-rank
-    layout in one torchrun."""
+    """One process: the reference (mixed), a long-only one and a padded mixed one for CP; then
+    every 2-rank layout in one torchrun."""
     root = tmp_path_factory.mktemp("layouts")
     single = [write(root / "ref.yaml", base_config(root / "ref", data)),
-              write(root / "ref_long.yaml", base_config(root / "ref_long", data, **{"data.short_fraction": 0.0}))]
+              write(root / "ref_long.yaml", base_config(root / "ref_long", data, **{"data.short_fraction": 0.0})),
+              write(root / "ref_pad4.yaml", base_config(root / "ref_pad4", data, **{"data.pad_multiple": 4}))]
     proc = subprocess.run([sys.executable, str(LAYOUTS), *single], env=torchrun_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -110,7 +117,7 @@ def runs(tmp_path_factory, data):
              for name, changes in LAYOUTS_2.items()]
     proc2 = run_torchrun(2, str(LAYOUTS), *paths, timeout=300)
     assert proc2.returncode == 0, (proc2.stdout + proc2.stderr)[-4000:]
-    return {name: metrics(root / name) for name in ["ref", "ref_long", *LAYOUTS_2]}
+    return {name: metrics(root / name) for name in ["ref", "ref_long", "ref_pad4", *LAYOUTS_2]}
 
 
 def test_tiny_config_trains_under_torchrun(tmp_path):
@@ -129,7 +136,7 @@ def test_tiny_config_trains_under_torchrun(tmp_path):
 
 @pytest.mark.parametrize("name", list(LAYOUTS_2))
 def test_layouts_match_one_process(runs, name):
-    ref = runs["ref_long" if name.startswith("cp") else "ref"]
+    ref = runs[REFERENCE.get(name, "ref")]
     got = runs[name]
     assert sorted(got) == sorted(ref) == list(range(1, STEPS + 1))
     loss_err = max(abs(got[s]["loss"] - ref[s]["loss"]) / ref[s]["loss"] for s in ref)
@@ -143,6 +150,8 @@ def test_layouts_match_one_process(runs, name):
 
 def test_reference_mixes_short_and_long(runs):
     assert all(m["short_micro_batches"] == 1 for m in runs["ref"].values())
+    assert all(m["short_micro_batches"] == 1 for m in runs["cp2_mixed"].values()), "THD + CP ran short batches"
+    assert runs["ref_pad4"][1]["loss"] != runs["ref"][1]["loss"], "padding changes the short micro-batches' data"
     assert all(m["short_micro_batches"] == 0 for m in runs["ref_long"].values())
     lrs = [runs["ref"][s]["lr"] for s in range(1, STEPS + 1)]
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3), "linear warm-up over 2 steps"
@@ -185,7 +194,8 @@ def test_sigkill_then_resume_continues_the_curve(tmp_path, data, runs):
     ({"parallel.cp": 2, "data.short_fraction": 0.0, "seq_length": 514}, r"not divisible by 4 \(2\*cp=4\)"),
     ({"parallel.tp": 3}, r"world size 2 is not divisible by tp\*pp\*cp"),
     ({"parallel.tp": 8}, r"world size 2 is not divisible"),
-    ({"parallel.cp": 2}, r"THD \+ CP\) is not implemented"),
+    ({"parallel.cp": 2, "data.pad_multiple": 2}, r"data.pad_multiple 2 is not a multiple of 2\*cp=4"),
+    ({"data.pad_multiple": 3}, r"original window 256 not divisible by the packed-document multiple 3"),
     ({"global_batch_size": 3}, r"global_batch_size 3 not divisible by dp=2"),
     ({"rope": {"factors": "FACTORS", "target_length": 1024}}, r"has 3 long factors, the model needs rotary_dim/2 = 8"),
     ({"data.paths": ["/nonexistent/corpus"]}, r"indexed dataset\(s\) not found.*/nonexistent/corpus"),

@@ -45,10 +45,21 @@ class DataConfig:
     """Fraction of tokens (= of micro-batches) from short documents packed with the original
     RoPE (paper: 1B of 10B tokens from Fineweb-Edu, plus short documents of the other sources)."""
     seed: int = 1234
+    pad_multiple: Optional[int] = None
+    """Pad each packed short document to a multiple of this; None = ``2 * cp`` under context
+    parallelism (each CP rank holds 2 of its ``2 cp`` chunks), else 1. Padding changes which
+    tokens a short micro-batch holds: set it to compare runs across CP sizes."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.short_fraction <= 1.0:
             raise ValueError(f"data.short_fraction must be in [0, 1], got {self.short_fraction}")
+        if self.pad_multiple is not None and (not isinstance(self.pad_multiple, int) or self.pad_multiple < 1):
+            raise ValueError(f"data.pad_multiple must be a positive int, got {self.pad_multiple!r}")
+
+    def resolved_pad_multiple(self, cp: int) -> int:
+        if self.pad_multiple is not None:
+            return self.pad_multiple
+        return 2 * cp if cp > 1 else 1
 
 
 @dataclass(kw_only=True)
@@ -188,9 +199,18 @@ class TrainConfig:
                              f"{model_cfg.original_max_position_embeddings}")
         if self.rope.target_length < self.seq_length:
             raise ValueError(f"rope.target_length {self.rope.target_length} < seq_length {self.seq_length}")
-        if p.cp > 1 and self.data.short_fraction > 0:
-            raise ValueError("context parallelism with packed short micro-batches (THD + CP) is not implemented; "
-                             "use cp=1 or data.short_fraction=0")
+        if self.data.short_fraction > 0:  # packed short micro-batches (THD), padded per document under CP
+            multiple, window = self.data.resolved_pad_multiple(p.cp), model_cfg.original_max_position_embeddings
+            if p.cp > 1 and multiple % (2 * p.cp):
+                raise ValueError(f"data.pad_multiple {multiple} is not a multiple of 2*cp={2 * p.cp}: under context "
+                                 "parallelism every packed document is split into 2*cp chunks")
+            if window % multiple:
+                raise ValueError(f"original window {window} not divisible by the packed-document multiple {multiple} "
+                                 "(data.pad_multiple, default 2*cp): a padded short document could pass the window "
+                                 "and get the rescaled RoPE")
+            if self.seq_length % multiple:
+                raise ValueError(f"seq_length {self.seq_length} not divisible by the packed-document multiple "
+                                 f"{multiple} (data.pad_multiple)")
         scaling = self.rope_scaling(model_cfg)
         if self.data.paths:
             check_indexed(self.data.paths)

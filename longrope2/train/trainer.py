@@ -10,7 +10,10 @@ newest checkpoint in ``output_dir`` (or weights from ``load``).
 A step (``train_step``): the step's ``global_batch_size`` micro-batches are sampler indices
 ``[step * G, (step + 1) * G)``; DP rank r takes its contiguous ``G / dp`` of them and runs
 megatron's forward-backward function (1F1B with PP). Short micro-batches go in as packed THD
-(``PackedSeqParams``), long ones as one sequence (sliced into ``2 cp`` chunks under CP). The
+(``PackedSeqParams``), long ones as one sequence. Under CP a long micro-batch is sliced into
+``2 cp`` chunks (rank r keeps r and 2cp-1-r); a short one has each document padded to a multiple of
+``2 cp`` by the sampler and rank r keeps chunks r and 2cp-1-r of every document (TE's THD layout,
+``thd_cp_indices``), with the global cu_seqlens. The
 loss of a micro-batch is its mean next-token loss; the step's loss is the mean over the global
 batch, so every layout optimizes (and logs) the same number.
 
@@ -153,7 +156,8 @@ class Trainer:
         short = int(((store.lengths >= 2) & (store.lengths <= window)).sum())
         _print0(f"[data] {len(store.lengths)} documents, {int(store.lengths.sum())} tokens; {short} <= the "
                 f"original window {window}; short token fraction {data.short_fraction}")
-        return MixedWindowSampler(store, self.config.seq_length, window, data.short_fraction, seed=data.seed)
+        return MixedWindowSampler(store, self.config.seq_length, window, data.short_fraction, seed=data.seed,
+                                  pad_multiple=data.resolved_pad_multiple(self.cp))
 
     def _build_model_and_optimizer(self):
         from megatron.core.distributed import (
@@ -214,7 +218,12 @@ class Trainer:
         batch = batch.to(device)
         tensors = {"tokens": batch.tokens, "labels": batch.labels, "loss_mask": batch.loss_mask,
                    "position_ids": batch.position_ids}
-        if self.cp > 1:  # long micro-batches only (checked): chunks r and 2cp-1-r
+        if self.cp > 1 and batch.is_short:  # chunks r and 2cp-1-r of every (padded) document
+            from longrope2.model.attention import thd_cp_indices
+
+            index = thd_cp_indices(batch.cu_seqlens, self.ps.get_context_parallel_rank(), self.cp)
+            tensors = {key: value.index_select(1, index) for key, value in tensors.items()}
+        elif self.cp > 1:  # chunks r and 2cp-1-r of the sequence
             tensors = get_batch_on_this_cp_rank(tensors)
         output = model(tensors["tokens"], tensors["position_ids"], attention_mask=None, labels=tensors["labels"],
                        packed_seq_params=batch.packed_seq_params())
