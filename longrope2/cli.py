@@ -146,6 +146,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run_convert(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Long-context eval of one model under several rope configs (resumes in output_dir)."""
+    from longrope2.eval.config import EvalConfig
+    from longrope2.eval.run import run_eval
+
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("model", args.model)) if v}
+    if args.ropes:
+        overrides["ropes"] = args.ropes.split(",")
+    if args.lengths:
+        overrides["lengths"] = [int(n) for n in args.lengths.split(",")]
+    try:
+        config = EvalConfig.from_yaml(args.config, overrides)
+        summary = run_eval(config)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"report: {Path(config.output_dir) / 'report.md'} ({len(summary['metrics'])} metrics)", file=sys.stderr)
+    return 0
+
+
 def _json_list(text: str) -> list[float]:
     path = Path(text)
     raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
@@ -224,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                          help="weights dtype (auto: the source's)")
     convert.set_defaults(func=cmd_convert)
+
+    evaluate = verbs.add_parser("eval", help="needle/book PPL, passkey, needle-in-a-haystack, RULER-style tasks and "
+                                             "short-context retention under several rope configs")
+    evaluate.add_argument("--config", required=True, help="eval YAML (configs/eval/)")
+    evaluate.add_argument("--output-dir", help="override the config's output_dir (a rerun resumes there)")
+    evaluate.add_argument("--model", help="override the model (HF folder, .gguf, smollm2, megatron checkpoint)")
+    evaluate.add_argument("--ropes", help="comma-separated rope specs, e.g. original,yarn,longrope2=best.json")
+    evaluate.add_argument("--lengths", help="comma-separated context lengths")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""The model under evaluation and the rope configs swapped onto it.
+
+One HF causal LM is loaded per eval (sdpa attention: eval is inference, and HF's ``longrope``
+contract is what users deploy). Every rope config is expressed as HF ``longrope`` parameters
+(``RopeScaling(...).to_hf_config()``), written into the model's config and made live by
+rebuilding the rotary-embedding modules from it; weights stay loaded. The result equals loading
+a fresh model with that config.json (tests/test_eval_ppl.py).
+
+Rope specs (``ropes`` in the eval config):
+
+* ``checkpoint``: the rope the checkpoint was loaded with (e.g. an exported LongRoPE2 model);
+* ``original``: the pre-trained RoPE (unit factors, attention factor 1), the baseline;
+* ``pi``, ``ntk``, ``yarn``: the families of ``rope/factors.py`` for ``target_length``;
+* ``PATH`` or ``LABEL=PATH``: a JSON file -- a search ``best.json`` (``long_factor``,
+  ``attention_factor``, ``target_length``), a ``rope_config.json`` / HF ``config.json``
+  (``rope_parameters`` or ``rope_scaling``), or a plain list of long factors. Label default:
+  ``longrope2`` for a search result, else the file stem.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longrope2.rope.scaling import RopeGeometry, RopeScaling
+
+FAMILIES = ("pi", "ntk", "yarn")
+_ROPE_FIELDS = ("rope_parameters", "max_position_embeddings", "original_max_position_embeddings")
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Rope:
+    label: str
+    fields: dict[str, Any] | None
+    """HF config fields (``to_hf_config``); None = the checkpoint's own rope."""
+    spec: str
+
+    @property
+    def fingerprint(self) -> str:
+        payload = json.dumps(self.fields, sort_keys=True) if self.fields is not None else "checkpoint"
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+    @property
+    def long_factor(self) -> list[float] | None:
+        return None if self.fields is None else self.fields["rope_parameters"]["long_factor"]
+
+
+def resolve_rope(spec: str, geometry: RopeGeometry, target_length: int | None) -> Rope:
+    """A rope spec (see the module docstring) as HF ``longrope`` config fields."""
+    label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    if path == "checkpoint":
+        return Rope(label or "checkpoint", None, spec)
+    if path in ("original", *FAMILIES):
+        if target_length is None:
+            raise ValueError(f"rope {spec!r} needs target_length (the extended window)")
+        method = "base" if path == "original" else path
+        scaling = RopeScaling.from_method(method, geometry, target_length)
+        return Rope(label or path, scaling.to_hf_config(), spec)
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"rope {spec!r}: not checkpoint, original, {', '.join(FAMILIES)} or an existing JSON file")
+    data = json.loads(file.read_text())
+    scaling, default_label = _scaling_from_json(data, geometry, target_length, str(file))
+    return Rope(label or default_label or file.stem, scaling.to_hf_config(), spec)
+
+
+def _scaling_from_json(data: Any, geometry: RopeGeometry, target_length: int | None, source: str):
+    if isinstance(data, list):
+        if target_length is None:
+            raise ValueError(f"{source}: a bare factor list needs target_length")
+        return RopeScaling.from_factors(geometry, target_length, data, attention_factor=None), None
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object or list")
+    rope = data.get("rope_parameters") or data.get("rope_scaling")
+    if rope:  # rope_config.json or a whole HF config.json
+        target = data.get("max_position_embeddings") or target_length
+        original = (data.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                    or geometry.original_max_position_embeddings)
+        if int(original) != geometry.original_max_position_embeddings:
+            raise ValueError(f"{source}: original window {original} != the model's "
+                             f"{geometry.original_max_position_embeddings}")
+        return RopeScaling.from_factors(geometry, int(target), rope["long_factor"], rope.get("short_factor"),
+                                        rope.get("attention_factor")), None
+    if "long_factor" not in data:
+        raise ValueError(f"{source}: no long_factor, rope_parameters or rope_scaling")
+    target = data.get("target_length") or target_length
+    if target is None:
+        raise ValueError(f"{source}: no target_length in the file; set target_length in the eval config")
+    original = data.get("original_length", geometry.original_max_position_embeddings)
+    if int(original) != geometry.original_max_position_embeddings:
+        raise ValueError(f"{source}: searched for an original window of {original}, the model has "
+                         f"{geometry.original_max_position_embeddings}")
+    scaling = RopeScaling.from_factors(geometry, int(target), data["long_factor"], data.get("short_factor"),
+                                       data.get("attention_factor"))
+    return scaling, "longrope2" if "critical_dim" in data else None
+
+
+class RopeSwitch:
+    """Puts rope configs on a loaded HF model: config fields + rebuilt rotary modules."""
+
+    def __init__(self, model):
+        self.model = model
+        self.saved = {k: copy.deepcopy(getattr(model.config, k, _MISSING)) for k in _ROPE_FIELDS}
+        self.geometry = RopeGeometry.from_hf_config(model.config)
+        self.current: Rope | None = None
+
+    def apply(self, rope: Rope) -> None:
+        config = self.model.config
+        if rope.fields is None:
+            for key, value in self.saved.items():
+                if value is _MISSING:
+                    if hasattr(config, key):
+                        delattr(config, key)
+                else:
+                    setattr(config, key, copy.deepcopy(value))
+        else:
+            for key, value in rope.fields.items():
+                setattr(config, key, copy.deepcopy(value))
+        rebuild_rotary(self.model)
+        self.current = rope
+
+
+def rebuild_rotary(model) -> int:
+    """Re-create every ``rotary_emb`` module from the (shared) config; returns how many."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            device = next((b.device for b in module.buffers()), None)
+            fresh = type(module)(config=module.config)
+            setattr(parent, name.rsplit(".", 1)[-1], fresh.to(device) if device is not None else fresh)
+            replaced += 1
+    if not replaced:
+        raise ValueError(f"{type(model).__name__} has no rotary_emb module to rebuild")
+    return replaced
+
+
+# --- loading ------------------------------------------------------------------------------------
+def is_megatron_checkpoint(path: Path) -> bool:
+    """A megatron-core distributed checkpoint (or a training output_dir) rather than an HF folder."""
+    if not path.is_dir() or (path / "config.json").is_file():
+        return False
+    return any((path / m).is_file() for m in ("metadata.json", "latest", "checkpoints/latest"))
+
+
+def export_megatron(path: Path, into: Path, model_spec: str | None = None) -> Path:
+    """``longrope2 convert export-hf`` (the converter's own process, which sets up
+    torch.distributed) into the folder ``into``; the exported config keeps the checkpoint's rope."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "longrope2.cli", "convert", "export-hf", "--checkpoint", str(path),
+               "--output", str(into)]
+    if model_spec:
+        command += ["--model", model_spec]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"exporting the megatron checkpoint {path} to HF failed:\n{done.stderr.strip()[-1500:]}")
+    return into
+
+
+def load_model(source: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+               megatron_model: str | None = None):
+    """``(model, hf_tokenizer)`` from an HF folder, a ``.gguf``, ``smollm2`` or a megatron
+    checkpoint (exported to a temporary HF folder first)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longrope2.model.pretrained import smollm2_gguf_path
+
+    path = smollm2_gguf_path() if source == "smollm2" else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no model at {path}")
+    kwargs = {"attn_implementation": attn_implementation, "dtype": getattr(torch, dtype)}
+    if is_megatron_checkpoint(path):
+        with tempfile.TemporaryDirectory(prefix="longrope2-eval-") as tmp:
+            folder = export_megatron(path, Path(tmp) / "hf", megatron_model)
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+            tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer.json").exists() or \
+                (folder / "tokenizer_config.json").exists() else None
+        return model, tokenizer
+    if path.suffix == ".gguf":
+        folder, extra = path.parent, {"gguf_file": path.name}
+    else:
+        folder, extra = path, {}
+    model = AutoModelForCausalLM.from_pretrained(folder, **extra, **kwargs).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
