@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from longrope2.rope.scaling import RopeGeometry
+from longrope2.train.plan import add_dry_run_args
 
 
 def resolve_geometry(args: argparse.Namespace) -> tuple[str, RopeGeometry]:
@@ -97,6 +98,10 @@ def cmd_factors(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """One process, or one rank under torchrun (launch/search.py)."""
+    if args.dry_run:
+        from longrope2.train.plan import dry_run
+
+        return dry_run("search", args)
     from longrope2.search.run import SearchConfig, run_search
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
@@ -134,6 +139,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One rank of mixed context window training (run it under torchrun, as launch/train.py)."""
+    if args.dry_run:
+        from longrope2.train.plan import dry_run
+
+        return dry_run("train", args)
     from longrope2.train.trainer import main as train_main
 
     return train_main(["--config", args.config])
@@ -201,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output-dir", help="override the config's output_dir")
     search.add_argument("--checkpoint", help="override the config's checkpoint (HF folder, .gguf, smollm2)")
     search.add_argument("--resume", action="store_true", help="continue the search in output_dir")
+    add_dry_run_args(search)
     search.set_defaults(func=cmd_search)
 
     prepare = verbs.add_parser("prepare-data", help="tokenize text/JSONL/parquet (default: the embedded books) "
@@ -218,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = verbs.add_parser("train", help="mixed context window training (under torchrun; see launch/train.py)")
     train.add_argument("--config", required=True, help="run YAML (configs/*.yaml)")
+    add_dry_run_args(train)
     train.set_defaults(func=cmd_train)
 
     convert = verbs.add_parser("convert", help="HF <-> megatron distributed checkpoints, streamed tensor by tensor "

@@ -1,0 +1,130 @@
+"""The Slurm scripts under a real Slurm: a one-node cluster on localhost (scripts/local_slurm.sh:
+Debian's slurm-wlm + munge, installed by the script when root) runs ``sbatch
+slurm/midtrain_128k.sh`` with the tiny CPU config through the environment overrides, is sent the
+time-limit signal (USR1) mid-run, checkpoints, requeues itself and resumes to the end. Skipped,
+with the reason, where Slurm cannot run (not root and not installed). Also: shellcheck on every
+shell script of the repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM_DIR = os.environ.get("LONGROPE2_SLURM_DIR", "/tmp/longrope2-slurm")
+
+
+def _alive(pidfile: Path) -> bool:
+    try:
+        os.kill(int(pidfile.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def slurm_env():
+    pids = [Path(SLURM_DIR) / "slurmctld.pid", Path(SLURM_DIR) / "slurmd.pid"]
+    was_running = all(_alive(p) for p in pids)
+    proc = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"no local Slurm: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    env = dict(os.environ, SLURM_CONF=f"{SLURM_DIR}/slurm.conf")
+    yield env
+    if not was_running:
+        subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job_state(env, job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
+    match = re.search(r"JobState=(\S+)", out)
+    return match.group(1) if match else "UNKNOWN"
+
+
+def _wait(predicate, timeout: float, what: str, log: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def _log_text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def test_sbatch_midtrain_tiny_cpu_requeues_on_time_limit_and_resumes(slurm_env, tmp_path):
+    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    steps = 40
+    cfg.update(output_dir=str(tmp_path / "run"), train_steps=steps, save_interval=0)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "logs").mkdir()
+    env = dict(slurm_env, CONFIG=str(config), NPROC_PER_NODE="2", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
+               MASTER_PORT=str(_free_port()))
+    # the script as a user submits it; only the header's GPU cluster shape is overridden
+    job = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--gpus-per-node", "0", "--time", "30",
+                          str(ROOT / "slurm/midtrain_128k.sh")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, check=True).stdout.strip().split(";")[0]
+    log = tmp_path / "logs" / f"longrope2-midtrain-{job}.out"  # #SBATCH --output=logs/%x-%j.out
+    try:
+        _wait(lambda: "step      1 |" in _log_text(log), 240, "the first training step", log)
+        # what Slurm sends 10 minutes before the time limit (--signal=B:USR1@600)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+        _wait(lambda: _job_state(env, job) == "PENDING", 120, "the job to requeue itself", log)
+        # a requeued job is held ~2 minutes (Slurm's begin-time delay); release it now
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
+        _wait(lambda: _job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+              "the requeued job to finish", log)
+    finally:
+        if _job_state(env, job) in ("PENDING", "RUNNING", "REQUEUED"):
+            subprocess.run(["scancel", job], env=env, check=False)
+    text = log.read_text()
+    assert _job_state(env, job) == "COMPLETED", text[-3000:]
+
+    first, _, second = text.partition("(restart 1)")
+    assert "(restart 0)" in first and second, text[-3000:]
+    saved = int(re.search(r"\[train\] SIGTERM: saved step (\d+), stopping", first).group(1))
+    assert 1 <= saved < steps
+    assert f"requeueing job {job}" in first
+    assert re.search(rf"\[ckpt\] resumed from \S+iter_{saved:07d} at step {saved}", second)
+    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step +(\d+) \| loss ([0-9.]+)", text, re.M)}
+    assert sorted(losses) == list(range(1, steps + 1)), sorted(losses)  # every step exactly once
+    assert losses[steps] < losses[1]
+    assert "[slurm] done (rc 0)" in second
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == f"iter_{steps:07d}"
+
+
+def _shell_scripts() -> list[Path]:
+    scripts = [p for d in ("scripts", "slurm", "docker", ".ci") for p in sorted((ROOT / d).glob("*"))
+               if p.is_file() and (p.suffix == ".sh" or p.read_text(errors="ignore").startswith("#!/usr/bin/env bash"))]
+    return scripts
+
+
+def test_shellcheck_every_shell_script():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run installs it as root)")
+    scripts = _shell_scripts()
+    assert {"slurm/midtrain_128k.sh", "slurm/search.sh", "scripts/local_slurm.sh", ".ci/run"} <= \
+        {str(p.relative_to(ROOT)) for p in scripts}
+    proc = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
