@@ -364,6 +364,11 @@ def dry_run(kind: str, args: argparse.Namespace) -> int:
 
             config = TrainConfig.from_yaml(args.config)
             lines, memory = plan_train(config, world, args.gpus_per_node, args.gpu_memory_gib)
+            try:  # what the launch also needs here: the factor file and the data
+                config.check(world)
+                lines.append("launch checks (factors, data files): ok")
+            except (ValueError, FileNotFoundError) as error:
+                lines.append(f"launch checks: {error} (needed on the cluster, not for this plan)")
         else:
             from longrope2.search.run import SearchConfig
 
