@@ -107,3 +107,24 @@ def test_cli_eval(assets, tmp_path, capsys):
     with pytest.raises(SystemExit, match="unknown keys"):
         path.write_text(yaml.safe_dump({"model": model, "output_dir": str(tmp_path), "bogus": 1}))
         main(["eval", "--config", str(path)])
+
+
+def test_megatron_checkpoint_is_exported_and_evaluated(assets, tmp_path):
+    """A megatron dist checkpoint (from `longrope2 convert import-hf`) goes through the converter's
+    HF export and gives the HF model's numbers."""
+    import subprocess
+    import sys
+
+    model, books = assets
+    checkpoint = tmp_path / "ckpt"
+    subprocess.run([sys.executable, "-m", "longrope2.cli", "convert", "import-hf", "--hf", model, "--output",
+                    str(checkpoint)], check=True, capture_output=True)
+    hf = eval_run.run_eval(_config(assets, tmp_path / "hf", lengths=[512], needle_ppl={"samples": 1}, **NO_TASKS),
+                           progress=False)
+    mcore = eval_run.run_eval(_config(assets, tmp_path / "mcore", model=str(checkpoint), lengths=[512],
+                                      needle_ppl={"samples": 1}, **NO_TASKS), progress=False)
+    assert mcore["metrics"]["needle_ppl"] == hf["metrics"]["needle_ppl"]
+
+
+NO_TASKS = dict(book_ppl={"samples": 0}, passkey={"samples": 0}, needle={"samples": 0}, ruler={"samples": 0},
+                short_context={"samples": 0})
