@@ -11,7 +11,7 @@
 #   DEVICE            gpu (NCCL) or cpu (gloo; CUDA hidden, OMP_NUM_THREADS=1)
 #   MASTER_PORT       rendezvous port on the first node (default 29500)
 #   CONTAINER_IMAGE   pyxis/enroot image (e.g. an .sqsh of docker/Dockerfile); unset = bare metal
-#   CONTAINER_MOUNTS  extra mounts (src:dst[,src:dst]); the checkout is mounted at /workspace/longrope2
+#   CONTAINER_MOUNTS  extra mounts (src:dst[,src:dst]); the checkout is mounted at /opt/longrope2
 #   LONGROPE2_DIR     the checkout (default: the submit directory)
 #   PYTHON            interpreter (default: .venv/bin/python when bare and present, else python)
 #   EXTRA_ARGS        more arguments for the entry script (split on spaces)
@@ -49,8 +49,9 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}
 
 srun_args=(--nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1)
 if [ -n "${CONTAINER_IMAGE:-}" ]; then
-  mounts="$ROOT:/workspace/longrope2${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-  srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir=/workspace/longrope2)
+  # the checkout over the image's copy (its editable install): the checkout's code, configs, outputs
+  mounts="$ROOT:/opt/longrope2${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
+  srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir=/opt/longrope2)
   PYTHON=${PYTHON:-python}
 elif [ -x "$ROOT/.venv/bin/python" ]; then
   PYTHON=${PYTHON:-$ROOT/.venv/bin/python}

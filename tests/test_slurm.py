@@ -128,3 +128,34 @@ def test_shellcheck_every_shell_script():
         {str(p.relative_to(ROOT)) for p in scripts}
     proc = subprocess.run(["shellcheck", "--severity=info", *map(str, scripts)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tmp_path):
+    """The 8-node command line, with stand-ins for srun and scontrol (no cluster needed)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n'
+                                  'env | grep -E "^(NCCL|TORCH|CUDA_DEVICE)" | sort > "$ARGS_OUT.env"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-%02d\\n" 1 2 3 4 5 6 7 8\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
+               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[01-08]", SLURM_NNODES="8",
+               SLURM_CPUS_ON_NODE="128", CONTAINER_IMAGE="/shared/longrope2.sqsh", CONTAINER_MOUNTS="/data:/data",
+               NCCL_IB_HCA="mlx5_0,mlx5_1")
+    proc = subprocess.run(["bash", str(ROOT / "slurm/midtrain_128k.sh")], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    assert args[:4] == ["--nodes=8", "--ntasks-per-node=1", "--cpus-per-task=128", "--kill-on-bad-exit=1"]
+    assert "--container-image=/shared/longrope2.sqsh" in args
+    assert f"--container-mounts={ROOT}:/opt/longrope2,/data:/data" in args
+    assert args[args.index("--container-workdir=/opt/longrope2") + 1:] == [
+        "python", "-m", "torch.distributed.run", "--nnodes=8", "--nproc-per-node=8", "--rdzv-id=4242",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-01:29500", "launch/train.py", "--config",
+        "configs/llama3_8b_128k.yaml"]
+    nccl = dict(line.split("=", 1) for line in (tmp_path / "args.env").read_text().split())
+    assert nccl["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"  # the environment wins over the defaults
+    assert nccl["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert nccl["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "job 4242 (restart 0) on 8 node(s) x 8 ranks, rendezvous gpu-node-01:29500, gpu" in proc.stdout
