@@ -451,8 +451,12 @@ def plot_scores(path: Path, summary: dict, window: int) -> None:
     if not panels:
         return
     labels = list(summary["ropes"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (name, by_rope, field) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, by_rope, field) in zip(axes.flat, panels):
         for i, label in enumerate(labels):
             if label in by_rope:
                 lengths = sorted(by_rope[label], key=int)
@@ -460,6 +464,9 @@ def plot_scores(path: Path, summary: dict, window: int) -> None:
                         color=f"C{i}", label=label)
         ax.axvline(window, color="gray", ls=":", lw=1)
         ax.set_xscale("log", base=2)
+        ticks = sorted({int(n) for by in by_rope.values() for n in by})
+        ax.set_xticks(ticks, [f"{n / 1024:g}k" for n in ticks])
+        ax.minorticks_off()
         if field == "ppl":
             ax.set_yscale("log")
         else:
@@ -467,7 +474,7 @@ def plot_scores(path: Path, summary: dict, window: int) -> None:
         ax.set_title(name.replace("_", " "))
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("perplexity" if field == "ppl" else "accuracy (%)")
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -478,6 +485,7 @@ def plot_needle_heatmap(path: Path, summary: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     heat = summary["needle_depths"]
     labels = [label for label in summary["ropes"] if label in heat]
@@ -487,11 +495,14 @@ def plot_needle_heatmap(path: Path, summary: dict) -> None:
         depths = sorted({d for by in heat[label].values() for d in by}, key=float)
         grid = [[heat[label][n].get(d, float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        for (row, col), value in np.ndenumerate(np.array(grid, dtype=float)):
+            if math.isfinite(value):
+                ax.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [f"{int(n) / 1024:g}k" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
         ax.set_xlabel("context length")
-        ax.set_ylabel("needle depth")
         ax.set_title(label)
+    axes[0][0].set_ylabel("needle depth")
     fig.colorbar(image, ax=axes[0].tolist(), label="accuracy (%)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
