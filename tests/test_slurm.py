@@ -7,6 +7,7 @@ shell script of the repository."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -159,3 +160,44 @@ def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tm
     assert nccl["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert nccl["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert "job 4242 (restart 0) on 8 node(s) x 8 ranks, rendezvous gpu-node-01:29500, gpu" in proc.stdout
+
+
+def test_sbatch_search_tiny_cpu(slurm_env, tmp_path):
+    cfg = yaml.safe_load((ROOT / "configs/search/tiny.yaml").read_text())
+    cfg["output_dir"] = str(tmp_path / "search")
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "logs").mkdir()
+    env = dict(slurm_env, CONFIG=str(config), NPROC_PER_NODE="2", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
+               MASTER_PORT=str(_free_port()))
+    job = subprocess.run(["sbatch", "--parsable", "--gpus-per-node", "0", "--time", "30", str(ROOT / "slurm/search.sh")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    log = tmp_path / "logs" / f"longrope2-search-{job}.out"
+    try:
+        _wait(lambda: _job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+              "the search job to finish", log)
+    finally:
+        if _job_state(env, job) in ("PENDING", "RUNNING"):
+            subprocess.run(["scancel", job], env=env, check=False)
+    text = log.read_text()
+    assert _job_state(env, job) == "COMPLETED", text[-3000:]
+    assert "on 1 node(s) x 2 ranks" in text and "[slurm] done (rc 0)" in text
+    best = json.loads((tmp_path / "search/best.json").read_text())
+    assert best["needle_ppl"] > 0 and sorted((tmp_path / "search").glob("scores.worker*.jsonl"))  # 2 workers
+
+
+def test_search_script_resumes_after_a_requeue(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho node1\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
+               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1")
+    for restarts, tail in (("0", ["launch/search.py", "--config", "configs/search/smollm2_32k_gpu.yaml"]),
+                           ("2", ["launch/search.py", "--config", "configs/search/smollm2_32k_gpu.yaml", "--resume"])):
+        subprocess.run(["bash", str(ROOT / "slurm/search.sh")], env=dict(env, SLURM_RESTART_COUNT=restarts),
+                       check=True, capture_output=True)
+        assert (tmp_path / "args").read_text().split("\n")[-len(tail) - 1:-1] == tail
