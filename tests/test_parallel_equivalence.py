@@ -7,12 +7,10 @@ import is paid once); each rank writes its measurements to JSON and the tests be
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from torchrun import run_torchrun
+from torchrun import checked, run_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -31,31 +29,7 @@ WEIGHT_ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parallel_equivalence")
-    try:
-        proc = run_torchrun(NPROC, str(WORKER), "--out", str(out), timeout=TIMEOUT_S)
-        returncode, log = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        returncode, log = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
-    per_rank = []
-    for rank in range(NPROC):
-        path = out / f"rank{rank}.json"
-        per_rank.append(json.loads(path.read_text()) if path.exists() else {})
-    return {"ranks": per_rank, "returncode": returncode, "log": log}
-
-
-def _checked(results, name: str) -> list[dict]:
-    """Each rank's result for check ``name``; fails with the worker's traceback if it raised."""
-    found = []
-    for rank, checks in enumerate(results["ranks"]):
-        entry = checks.get(name)
-        if entry is None:
-            log = "\n".join(line for line in results["log"].splitlines() if "warn" not in line.lower())
-            pytest.fail(f"check {name!r} did not run on rank {rank} (torchrun: {results['returncode']})\n{log[-4000:]}")
-        if not entry["ok"]:
-            pytest.fail(f"check {name!r} raised on rank {rank}:\n{entry['error']}")
-        found.append(entry["result"])
-    return found
+    return run_checks(NPROC, str(WORKER), tmp_path_factory.mktemp("parallel_equivalence"), timeout=TIMEOUT_S)
 
 
 def _assert_grads(grads: dict, rank: int) -> None:
@@ -67,19 +41,19 @@ def test_worker_exit_code(results):
 
 
 def test_reference_model_uses_dual_cache_rotary_with_long_factors(results):
-    for rank, r in enumerate(_checked(results, "reference")):
+    for rank, r in enumerate(checked(results, "reference")):
         assert r["rotary_is_dual_cache"], rank
         assert r["uses_long_factors"], "the 32-token batches must exercise the rescaled RoPE"
         assert r["attention_factor"] == pytest.approx(r["expected_attention_factor"], rel=1e-12)
         assert r["attention_factor"] > 1.01
         assert r["same_init_on_both_ranks"], "same seed, same weights"
-    losses = [r["loss"] for r in _checked(results, "reference")]
+    losses = [r["loss"] for r in checked(results, "reference")]
     assert losses[0] == losses[1]
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2_sequence_parallel"])
 def test_tensor_parallel_matches_reference(results, name):
-    for rank, r in enumerate(_checked(results, name)):
+    for rank, r in enumerate(checked(results, name)):
         assert r["rotary_is_dual_cache"]
         assert r["sequence_parallel"] == (name == "tp2_sequence_parallel")
         assert r["weights"]["max_abs"] == 0.0, "the shards were copied from the reference"
@@ -90,12 +64,12 @@ def test_tensor_parallel_matches_reference(results, name):
 
 def test_wrong_fc1_split_is_detected(results):
     """Negative control: giving rank 0 all of gate and rank 1 all of up moves the loss."""
-    for r in _checked(results, "tp2_naive_fc1_split"):
+    for r in checked(results, "tp2_naive_fc1_split"):
         assert r["loss_abs_err"] > 100 * LOSS_ATOL, r
 
 
 def test_pipeline_parallel_1f1b_matches_reference(results):
-    stages = _checked(results, "pp2")
+    stages = checked(results, "pp2")
     assert [s["stage"] for s in stages] == [0, 1]
     assert [s["layers"] for s in stages] == [[1, 2], [3, 4]]
     assert [(s["has_embedding"], s["has_output_layer"]) for s in stages] == [(True, False), (False, True)]
@@ -110,7 +84,7 @@ def test_pipeline_parallel_1f1b_matches_reference(results):
 def test_pipeline_parallel_tied_embeddings_match_reference(results):
     """The last stage's output layer is the embedding's copy; both stages end with the full
     (input + output use) embedding gradient."""
-    stages = _checked(results, "pp2_tied_embeddings")
+    stages = checked(results, "pp2_tied_embeddings")
     assert [(s["has_embedding"], s["has_output_weight"]) for s in stages] == [(True, False), (False, True)]
     for rank, s in enumerate(stages):
         assert s["grads"]["count"] == (13 if rank == 0 else 14)
@@ -119,7 +93,7 @@ def test_pipeline_parallel_tied_embeddings_match_reference(results):
 
 
 def test_data_parallel_ddp_matches_reference(results):
-    for rank, r in enumerate(_checked(results, "dp2_ddp")):
+    for rank, r in enumerate(checked(results, "dp2_ddp")):
         assert r["dp"] == 2
         assert r["local_loss_differs_from_global"] > 100 * LOSS_ATOL, "ranks must see different data"
         assert r["loss_abs_err"] <= LOSS_ATOL, r
@@ -127,7 +101,7 @@ def test_data_parallel_ddp_matches_reference(results):
 
 
 def test_data_parallel_distributed_optimizer_step_matches_reference(results):
-    for rank, r in enumerate(_checked(results, "dp2_distributed_optimizer")):
+    for rank, r in enumerate(checked(results, "dp2_distributed_optimizer")):
         assert r["step_ok"]
         assert r["loss_abs_err"] <= LOSS_ATOL, r
         # each rank owns half of the reduce-scattered gradient buffer
@@ -143,7 +117,7 @@ def test_data_parallel_distributed_optimizer_step_matches_reference(results):
 
 @pytest.mark.parametrize("seq_len, long", [(16, False), (64, True)])
 def test_context_parallel_rotary_chunks(results, seq_len, long):
-    ranks = _checked(results, "cp2_rotary")
+    ranks = checked(results, "cp2_rotary")
     assert [r["cp_rank"] for r in ranks] == [0, 1]
     for r in ranks:
         assert r["rotary_is_dual_cache"]
@@ -157,7 +131,7 @@ def test_context_parallel_rotary_chunks(results, seq_len, long):
 
 
 def test_context_parallel_model_matches_reference(results):
-    for rank in _checked(results, "cp2_model"):
+    for rank in checked(results, "cp2_model"):
         assert rank["local_tokens"] == 16  # half of the 32-token sequence: chunks r and 3-r
         assert rank["loss_abs_err"] < LOSS_ATOL, rank
         assert rank["grads"]["max_rel"] < GRAD_RTOL, rank["grads"]

@@ -8,12 +8,10 @@ each rank writes its measurements to JSON and the tests below judge them.
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
 import pytest
-from torchrun import run_torchrun
+from torchrun import checked, run_checks
 
 pytestmark = pytest.mark.distributed
 
@@ -35,34 +33,11 @@ LOSS_RTOL = 1e-6
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("thd_cp")
-    try:
-        proc = run_torchrun(NPROC, str(WORKER), "--out", str(out), timeout=TIMEOUT_S)
-        returncode, log = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        returncode, log = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
-    per_rank = []
-    for rank in range(NPROC):
-        path = out / f"rank{rank}.json"
-        per_rank.append(json.loads(path.read_text()) if path.exists() else {})
-    return {"ranks": per_rank, "returncode": returncode, "log": log}
-
-
-def _checked(results, name: str) -> list[dict]:
-    found = []
-    for rank, checks in enumerate(results["ranks"]):
-        entry = checks.get(name)
-        if entry is None:
-            log = "\n".join(line for line in results["log"].splitlines() if "warn" not in line.lower())
-            pytest.fail(f"check {name!r} did not run on rank {rank} (torchrun: {results['returncode']})\n{log[-4000:]}")
-        if not entry["ok"]:
-            pytest.fail(f"check {name!r} raised on rank {rank}:\n{entry['error']}")
-        found.append(entry["result"])
-    return found
+    return run_checks(NPROC, str(WORKER), tmp_path_factory.mktemp("thd_cp"), timeout=TIMEOUT_S)
 
 
 def test_attention_output_and_grads_match_one_process(results):
-    for r in _checked(results, "attention_thd_cp2"):
+    for r in checked(results, "attention_thd_cp2"):
         assert r["rows_covered_once"], "the two ranks' chunks tile the packed sequence"
         assert r["local_rows"] == 40, "each rank holds half of every padded document"
         assert r["out_rel"] <= ATTENTION_RTOL, r
@@ -70,7 +45,7 @@ def test_attention_output_and_grads_match_one_process(results):
 
 
 def test_attention_keeps_documents_and_padding_apart(results):
-    ranks = _checked(results, "attention_thd_cp2")
+    ranks = checked(results, "attention_thd_cp2")
     for r in ranks:
         assert r["others_bit_identical"], "another document's keys/values change nothing"
         assert r["real_rows_unmoved_by_padding"], "padding keys/values change no real token"
@@ -78,7 +53,7 @@ def test_attention_keeps_documents_and_padding_apart(results):
 
 
 def test_model_matches_one_process_on_a_padded_short_micro_batch(results):
-    for r in _checked(results, "model_thd_cp2"):
+    for r in checked(results, "model_thd_cp2"):
         assert r["documents"] >= 3 and all(n % 4 == 0 for n in r["padded_lengths"])
         assert r["rotary_max_seq_len"] == max(r["padded_lengths"]), "the rotary sees the longest padded document"
         assert not r["uses_long_factors"], "packed short documents keep the original RoPE under CP"
@@ -88,6 +63,6 @@ def test_model_matches_one_process_on_a_padded_short_micro_batch(results):
 
 
 def test_model_token_cannot_see_another_document(results):
-    for r in _checked(results, "model_thd_cp2"):
+    for r in checked(results, "model_thd_cp2"):
         assert r["others_bit_identical"], "other documents' logits are bit-identical"
         assert r["victim_rows_here"] > 0 and r["victim_moved"] > 1e-2

@@ -37,3 +37,37 @@ def run_torchrun(nproc: int, script: str, *args: str, timeout: float = 300) -> s
         out, err = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_checks(nproc: int, worker: str, out, *args: str, timeout: float = 300) -> dict:
+    """Run a check worker (tests/distributed/checks.py) and collect every rank's results, also
+    when it failed or timed out (``checked`` then reports which check and why)."""
+    import json
+    from pathlib import Path
+
+    try:
+        proc = run_torchrun(nproc, worker, "--out", str(out), *args, timeout=timeout)
+        returncode, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        returncode, log = "timeout", f"{exc.stdout or ''}{exc.stderr or ''}"
+    per_rank = []
+    for rank in range(nproc):
+        path = Path(out) / f"rank{rank}.json"
+        per_rank.append(json.loads(path.read_text()) if path.exists() else {})
+    return {"ranks": per_rank, "returncode": returncode, "log": log}
+
+
+def checked(results: dict, name: str) -> list:
+    """Each rank's result for check ``name``; fails with the worker's traceback if it raised."""
+    import pytest
+
+    found = []
+    for rank, checks in enumerate(results["ranks"]):
+        entry = checks.get(name)
+        if entry is None:
+            log = "\n".join(line for line in results["log"].splitlines() if "warn" not in line.lower())
+            pytest.fail(f"check {name!r} did not run on rank {rank} (torchrun: {results['returncode']})\n{log[-4000:]}")
+        if not entry["ok"]:
+            pytest.fail(f"check {name!r} raised on rank {rank}:\n{entry['error']}")
+        found.append(entry["result"])
+    return found

@@ -17,12 +17,9 @@ Results go to ``<work>/rank<r>.json`` after every check.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
-import time
-import traceback
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checks import run_checks  # noqa: E402  (tests/distributed, the script's folder)
 from factories import ramp_longrope2_scaling  # noqa: E402
 
 from longrope2 import cli
@@ -123,9 +121,6 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", required=True)
     work = Path(parser.parse_args().work)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))
-    rank = dist.get_rank()
     checks = []
     for name in MODELS:
         m = work / name
@@ -140,23 +135,7 @@ def main() -> int:
             (f"{name}.export_pp2", partial(cli.main, ["convert", "export-hf", "--checkpoint", str(m / "ck_tp1"),
                                                       "--output", str(m / "out_pp2"), "--pp", "2"])),
         ]
-    results: dict = {}
-    path = work / f"rank{rank}.json"
-    for label, fn in checks:
-        start = time.perf_counter()
-        try:
-            entry = {"ok": True, "result": fn()}
-        except BaseException:  # SystemExit from the CLI too
-            entry = {"ok": False, "error": traceback.format_exc()}
-        entry["seconds"] = round(time.perf_counter() - start, 2)
-        results[label] = entry
-        path.with_suffix(".tmp").write_text(json.dumps(results, indent=1))
-        path.with_suffix(".tmp").replace(path)
-        if not entry["ok"]:
-            print(f"[rank {rank}] check {label} failed:\n{entry['error']}", file=sys.stderr, flush=True)
-            os._exit(1)
-    dist.destroy_process_group()
-    return 0
+    return run_checks(checks, work, timeout_s=180)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import sys
-import time
-import traceback
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checks import run_checks  # noqa: E402  (tests/distributed, the script's folder)
 from test_mixed import SEQ, TARGET, WINDOW, corpus  # noqa: E402
 
 from longrope2.data.mixed import MixedWindowSampler
@@ -239,29 +237,8 @@ def model_thd_cp2(ctx):
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    rank = dist.get_rank()
-    path = os.path.join(args.out, f"rank{rank}.json")
-    results: dict = {}
     ctx = SimpleNamespace()
-    for fn in CHECKS:
-        start = time.perf_counter()
-        try:
-            entry = {"ok": True, "result": fn(ctx)}
-        except Exception:
-            entry = {"ok": False, "error": traceback.format_exc()}
-        entry["seconds"] = round(time.perf_counter() - start, 2)
-        results[fn.__name__] = entry
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
-        if not entry["ok"]:
-            print(f"[rank {rank}] check {fn.__name__} failed:\n{entry['error']}", file=sys.stderr, flush=True)
-            os._exit(1)  # the other rank may be inside a collective; torchrun stops it
-    dist.destroy_process_group()
-    return 0
+    return run_checks([(fn.__name__, partial(fn, ctx)) for fn in CHECKS], parser.parse_args().out)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import sys
-import time
-import traceback
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checks import run_checks  # noqa: E402  (tests/distributed, the script's folder)
 from factories import ramp_longrope2_scaling  # noqa: E402
 
 from longrope2.model.config import ModelConfig
@@ -483,30 +481,9 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", help="run these checks (and the reference) only")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
-    rank = dist.get_rank()
-    path = os.path.join(args.out, f"rank{rank}.json")
-    results: dict = {}
     ctx = SimpleNamespace()
-    for fn in CHECKS:
-        if args.only and fn.__name__ != "reference" and fn.__name__ not in args.only:
-            continue
-        start = time.perf_counter()
-        try:
-            entry = {"ok": True, "result": fn(ctx)}
-        except Exception:
-            entry = {"ok": False, "error": traceback.format_exc()}
-        entry["seconds"] = round(time.perf_counter() - start, 2)
-        results[fn.__name__] = entry
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(path + ".tmp", path)
-        if not entry["ok"]:
-            print(f"[rank {rank}] check {fn.__name__} failed:\n{entry['error']}", file=sys.stderr, flush=True)
-            os._exit(1)  # the other rank may be inside a collective; torchrun stops it
-    dist.destroy_process_group()
-    return 0
+    chosen = [fn for fn in CHECKS if not args.only or fn.__name__ == "reference" or fn.__name__ in args.only]
+    return run_checks([(fn.__name__, partial(fn, ctx)) for fn in chosen], args.out)
 
 
 if __name__ == "__main__":
