@@ -10,7 +10,7 @@
 # Plan first: python launch/search.py --config $CONFIG --dry-run --nodes 1 --gpus-per-node 8
 # Preemption: the search keeps every score as it is computed and its state after every
 # generation; a requeued job (SLURM_RESTART_COUNT > 0) continues with --resume and re-scores
-# nothing (a job stopped before its first generation finished: resubmit without --resume).
+# nothing (stopped inside the first generation, it restarts that generation from the logged scores).
 # Environment overrides: see slurm/torchrun.sh.
 #
 #SBATCH --job-name=longrope2-search

@@ -46,7 +46,14 @@ def _search(config, name, nproc, *extra):
 
 
 def _logged_keys(out: Path) -> list[str]:
-    return [json.loads(line)["key"] for log in out.glob("scores.worker*.jsonl") for line in log.read_text().splitlines()]
+    keys = []
+    for log in out.glob("scores.worker*.jsonl"):
+        for line in log.read_text().splitlines():
+            try:
+                keys.append(json.loads(line)["key"])
+            except json.JSONDecodeError:  # a line cut by a kill
+                pass
+    return keys
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,23 @@ def test_killed_search_resumes_to_the_same_result(config, single):
     after = _logged_keys(out)
     assert set(before) < set(after)
     assert len(after) == len(set(after))  # nothing scored twice across the kill
+
+
+def test_resume_inside_the_first_generation(config, single):
+    """Stopped before any state.json (Slurm preempting the first generation), with the last
+    score line cut mid-write: --resume restarts from the logged scores, scores only the rest,
+    and ends identical."""
+    root, _ = config
+    out = root / "first-generation"
+    out.mkdir()
+    logged = (single / "scores.worker0.jsonl").read_text().splitlines()
+    kept = logged[:6]  # the 4 baselines and 2 of the initial population
+    (out / "scores.worker0.jsonl").write_text("\n".join(kept) + "\n" + logged[6][:25])
+    _search(config, "first-generation", 1, "--resume")
+    assert json.loads((out / "state.json").read_text()) == json.loads((single / "state.json").read_text())
+    after = _logged_keys(out)
+    assert after[:6] == [json.loads(line)["key"] for line in kept]
+    assert len(after) == len(set(after)) == len(_logged_keys(single))  # the 6 were not scored again
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/search").glob("*.yaml")),

@@ -99,6 +99,10 @@ class CandidatePool:
     def _log(self, tag: str, key: str, value: float) -> None:
         if self.log_path is None:
             return
-        with open(self.log_path, "a") as log:
+        with open(self.log_path, "a+") as log:
+            if log.tell() > 0:  # a line cut by a kill: start on a line of our own
+                log.seek(log.tell() - 1)
+                if log.read(1) != "\n":
+                    log.write("\n")
             log.write(json.dumps({"tag": tag, "key": key, "score": value if math.isfinite(value) else None}) + "\n")
             log.flush()

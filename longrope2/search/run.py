@@ -202,8 +202,9 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
         if rank == 0:
             if state_path.exists() and not resume:
                 raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or choose another output_dir")
-            if resume and not state_path.exists():
-                raise FileNotFoundError(f"--resume: no {state_path} to resume from")
+            if resume and not state_path.exists():  # stopped inside its first generation
+                print(f"[search] --resume: no {state_path} yet; starting from the first generation, "
+                      "reusing the scores already logged", flush=True)
             out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
@@ -229,12 +230,15 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
         # state and every score already computed (rank 0 reads, everyone gets the same)
         state, known = evo.SearchState(), {}
         if resume and rank == 0:
-            state = evo.SearchState.from_dict(json.loads(state_path.read_text()))
+            if state_path.exists():
+                state = evo.SearchState.from_dict(json.loads(state_path.read_text()))
             for log in sorted(out_dir.glob("scores.worker*.jsonl")):
                 for line in log.read_text().splitlines():
-                    if line.strip():
+                    try:
                         entry = json.loads(line)
-                        known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
+                    except json.JSONDecodeError:  # empty, or cut by a kill: scored again
+                        continue
+                    known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
         state, known = _broadcast_object((state, known))
 
         worker = parallel_state.get_data_parallel_rank()
