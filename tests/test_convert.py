@@ -227,7 +227,7 @@ def test_clear_errors(imported, tmp_path):
     with pytest.raises(ValueError, match="has 5 long factors, the model needs rotary_dim/2 = 8"):
         resolve_rope(str(tmp_path / "few.json"), cfg)
     (tmp_path / "no_target.json").write_text(json.dumps([4.0] * 8))
-    with pytest.raises(ValueError, match="pass --target-length"):
+    with pytest.raises(ValueError, match="does not say the target length"):
         resolve_rope(str(tmp_path / "no_target.json"), cfg)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
 

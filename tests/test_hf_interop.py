@@ -152,3 +152,44 @@ def test_rotary_rejects_mismatched_scaling():
     other = RopeScaling.from_method("pi", RopeGeometry(16, 10000.0, 512), 1024)
     with pytest.raises(ValueError, match="original window of 512"):
         rotary.set_scaling(other)
+
+
+def test_factors_from_every_file_format(tmp_path):
+    """A search best.json, an exported rope_config.json (both HF styles), a whole HF config.json
+    and a bare list all give the same RopeScaling; overrides win; mismatches raise."""
+    import json
+
+    scaling = _scaling()
+    geometry = RopeGeometry(16, 10000.0, ORIGINAL)
+    files = {
+        "best.json": {"target_length": TARGET, "original_length": ORIGINAL, "critical_dim": 4,
+                      "long_factor": list(scaling.long_factor), "attention_factor": scaling.resolved_attention_factor},
+        "rope_config.json": scaling.to_hf_config("rope_parameters"),
+        "legacy.json": scaling.to_hf_config("rope_scaling"),
+        "config.json": _hf_config(scaling, "rope_parameters").to_dict(),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        again = RopeScaling.from_file(tmp_path / name, geometry)
+        assert again.long_factor == scaling.long_factor and again.max_position_embeddings == TARGET, name
+        assert again.resolved_attention_factor == pytest.approx(scaling.resolved_attention_factor), name
+    (tmp_path / "list.json").write_text(json.dumps(list(scaling.long_factor)))
+    bare = RopeScaling.from_file(tmp_path / "list.json", geometry, fallback_target_length=TARGET)
+    assert bare.long_factor == scaling.long_factor and bare.attention_factor is None
+    overridden = RopeScaling.from_file(tmp_path / "best.json", geometry, 2 * TARGET, attention_factor=1.5)
+    assert overridden.max_position_embeddings == 2 * TARGET and overridden.resolved_attention_factor == 1.5
+
+    with pytest.raises(ValueError, match="does not say the target length"):
+        RopeScaling.from_file(tmp_path / "list.json", geometry)
+    with pytest.raises(ValueError, match="has 8 long factors, the model needs rotary_dim/2 = 4"):
+        RopeScaling.from_file(tmp_path / "best.json", RopeGeometry(8, 10000.0, ORIGINAL))
+    with pytest.raises(ValueError, match="original window of 256, the model's is 512"):
+        RopeScaling.from_file(tmp_path / "rope_config.json", RopeGeometry(16, 10000.0, 512))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not JSON"):
+        RopeScaling.from_file(tmp_path / "bad.json", geometry)
+    (tmp_path / "other.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(ValueError, match="has no long_factor"):
+        RopeScaling.from_file(tmp_path / "other.json", geometry)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        RopeScaling.from_file(tmp_path / "missing.json", geometry)

@@ -67,40 +67,10 @@ def resolve_rope(spec: str, geometry: RopeGeometry, target_length: int | None) -
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"rope {spec!r}: not checkpoint, original, {', '.join(FAMILIES)} or an existing JSON file")
+    scaling = RopeScaling.from_file(file, geometry, fallback_target_length=target_length)
     data = json.loads(file.read_text())
-    scaling, default_label = _scaling_from_json(data, geometry, target_length, str(file))
-    return Rope(label or default_label or file.stem, scaling.to_hf_config(), spec)
-
-
-def _scaling_from_json(data: Any, geometry: RopeGeometry, target_length: int | None, source: str):
-    if isinstance(data, list):
-        if target_length is None:
-            raise ValueError(f"{source}: a bare factor list needs target_length")
-        return RopeScaling.from_factors(geometry, target_length, data, attention_factor=None), None
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a JSON object or list")
-    rope = data.get("rope_parameters") or data.get("rope_scaling")
-    if rope:  # rope_config.json or a whole HF config.json
-        target = data.get("max_position_embeddings") or target_length
-        original = (data.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-                    or geometry.original_max_position_embeddings)
-        if int(original) != geometry.original_max_position_embeddings:
-            raise ValueError(f"{source}: original window {original} != the model's "
-                             f"{geometry.original_max_position_embeddings}")
-        return RopeScaling.from_factors(geometry, int(target), rope["long_factor"], rope.get("short_factor"),
-                                        rope.get("attention_factor")), None
-    if "long_factor" not in data:
-        raise ValueError(f"{source}: no long_factor, rope_parameters or rope_scaling")
-    target = data.get("target_length") or target_length
-    if target is None:
-        raise ValueError(f"{source}: no target_length in the file; set target_length in the eval config")
-    original = data.get("original_length", geometry.original_max_position_embeddings)
-    if int(original) != geometry.original_max_position_embeddings:
-        raise ValueError(f"{source}: searched for an original window of {original}, the model has "
-                         f"{geometry.original_max_position_embeddings}")
-    scaling = RopeScaling.from_factors(geometry, int(target), data["long_factor"], data.get("short_factor"),
-                                       data.get("attention_factor"))
-    return scaling, "longrope2" if "critical_dim" in data else None
+    searched = isinstance(data, dict) and "critical_dim" in data
+    return Rope(label or ("longrope2" if searched else file.stem), scaling.to_hf_config(), spec)
 
 
 class RopeSwitch:

@@ -465,11 +465,8 @@ def resolve_rope(spec: str, cfg: ModelConfig, target_length: Optional[int] = Non
                  attention_factor: Optional[float] = None) -> RopeScaling:
     """The export's ``RopeScaling`` from a search ``best.json`` (its ``target_length``), an HF
     config / ``rope_config.json``, a JSON list of long factors, or a train config YAML (its
-    ``rope`` section); factors are resolved by the train config's own rules
-    (``TrainConfig.rope_scaling``: the factor count must be rotary_dim / 2)."""
-    from types import SimpleNamespace
-
-    from longrope2.train.config import RopeConfig, TrainConfig
+    ``rope`` section), by ``RopeScaling.from_file``'s rules (the factor count must be rotary_dim / 2)."""
+    from longrope2.train.config import TrainConfig
 
     path = Path(spec)
     if not path.is_file():
@@ -480,20 +477,7 @@ def resolve_rope(spec: str, cfg: ModelConfig, target_length: Optional[int] = Non
             run.rope.target_length = target_length or run.rope.target_length
             run.rope.attention_factor = attention_factor if attention_factor is not None else run.rope.attention_factor
         return run.rope_scaling(cfg)
-    raw = json.loads(path.read_text())
-    if target_length is None and isinstance(raw, dict):
-        target_length = raw.get("target_length") or raw.get("max_position_embeddings")
-    if target_length is None:
-        raise ValueError(f"--rope {path} does not say the target length; pass --target-length")
-    rope = RopeConfig(target_length=int(target_length), factors=str(path), attention_factor=attention_factor)
-    scaling = TrainConfig.rope_scaling(SimpleNamespace(rope=rope), cfg)
-    if isinstance(raw, dict) and (raw.get("rope_parameters") or raw.get("rope_scaling")):
-        section = raw.get("rope_parameters") or raw.get("rope_scaling")
-        original = raw.get("original_max_position_embeddings") or section.get("original_max_position_embeddings")
-        if original and int(original) != cfg.original_max_position_embeddings:
-            raise ValueError(f"--rope {path} is for an original window of {original}, the model's is "
-                             f"{cfg.original_max_position_embeddings}")
-    return scaling
+    return RopeScaling.from_file(path, cfg.rope_geometry, target_length, attention_factor)
 
 
 # --- command line (one process or torchrun) ---------------------------------------------------

@@ -11,8 +11,10 @@ transformers >= 5 stores it under ``rope_parameters``; older configs under ``rop
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
@@ -23,7 +25,8 @@ from longrope2.rope.factors import (
     family_factors,
     longrope_attention_factor,
 )
-from longrope2.rope.frequencies import inv_freq_from_factors, rotary_dim as _rotary_dim
+from longrope2.rope.frequencies import inv_freq_from_factors
+from longrope2.rope.frequencies import rotary_dim as _rotary_dim
 
 HFStyle = Literal["rope_parameters", "rope_scaling"]
 
@@ -175,6 +178,57 @@ class RopeScaling:
             short_factor=tuple(short_factor or ()),
             attention_factor=attention_factor,
         )
+
+    @classmethod
+    def from_file(
+        cls,
+        path: str | Path,
+        geometry: RopeGeometry,
+        target_length: int | None = None,
+        attention_factor: float | None = None,
+        fallback_target_length: int | None = None,
+    ) -> "RopeScaling":
+        """Factors from a file, for a model of this geometry: a search ``best.json``
+        (``long_factor``, ``target_length``, ``original_length``), an HF ``config.json`` or
+        ``rope_config.json`` (``rope_parameters`` / ``rope_scaling``), or a JSON list of long
+        factors. ``target_length`` and ``attention_factor`` override the file's; the file's
+        target is used before ``fallback_target_length``. The original window and the factor
+        count must be the model's."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"rope factors: {path} not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"rope factors: {path} is not JSON ({error})") from None
+        short = file_attention = file_target = original = None
+        if isinstance(raw, list):
+            long = raw
+        elif isinstance(raw, dict):
+            section = _rope_dict(raw)
+            if section is not None:  # an HF config / rope_config.json
+                long, short, file_attention = (section.get(k) for k in ("long_factor", "short_factor", "attention_factor"))
+                file_target = raw.get("max_position_embeddings")
+                original = raw.get("original_max_position_embeddings") or section.get("original_max_position_embeddings")
+            else:  # a search result
+                long, short, file_attention = (raw.get(k) for k in ("long_factor", "short_factor", "attention_factor"))
+                file_target, original = raw.get("target_length"), raw.get("original_length")
+            if long is None:
+                raise ValueError(f"rope factors: {path} has no long_factor (expected a search best.json, an HF "
+                                 "config with a longrope section, or a JSON list of factors)")
+        else:
+            raise ValueError(f"rope factors: {path} holds a {type(raw).__name__}, not factors")
+        if original is not None and int(original) != geometry.original_max_position_embeddings:
+            raise ValueError(f"rope factors: {path} is for an original window of {original}, the model's is "
+                             f"{geometry.original_max_position_embeddings}")
+        want = geometry.rotary_dim // 2
+        if len(long) != want:
+            raise ValueError(f"rope factors: {path} has {len(long)} long factors, the model needs rotary_dim/2 = {want}")
+        target = target_length or file_target or fallback_target_length
+        if target is None:
+            raise ValueError(f"rope factors: {path} does not say the target length; give it (--target-length)")
+        attention = attention_factor if attention_factor is not None else file_attention
+        return cls.from_factors(geometry, int(target), list(long), short, attention)
 
     # --- HF interop ----------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ no process group, before any work starts."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -155,26 +154,7 @@ class TrainConfig:
         geometry = model_cfg.rope_geometry
         if rope.method is not None:
             return RopeScaling.from_method(rope.method, geometry, rope.target_length, rope.attention_factor)
-        path = Path(rope.factors)
-        if not path.is_file():
-            raise FileNotFoundError(f"rope.factors: {path} not found")
-        raw = json.loads(path.read_text())
-        attention = rope.attention_factor
-        if isinstance(raw, dict) and ("rope_parameters" in raw or "rope_scaling" in raw):
-            section = raw.get("rope_parameters") or raw.get("rope_scaling")
-            long, short = section["long_factor"], section.get("short_factor")
-            attention = attention if attention is not None else section.get("attention_factor")
-        elif isinstance(raw, dict):
-            if "long_factor" not in raw:
-                raise ValueError(f"rope.factors: {path} has no long_factor")
-            long, short = raw["long_factor"], None
-            attention = attention if attention is not None else raw.get("attention_factor")
-        else:
-            long, short = raw, None
-        want = model_cfg.rotary_dim // 2
-        if len(long) != want:
-            raise ValueError(f"rope.factors: {path} has {len(long)} long factors, the model needs rotary_dim/2 = {want}")
-        return RopeScaling.from_factors(geometry, rope.target_length, list(long), short, attention)
+        return RopeScaling.from_file(rope.factors, geometry, rope.target_length, rope.attention_factor)
 
     def torch_dtype(self, on_gpu: bool):
         import torch
