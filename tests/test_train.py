@@ -234,7 +234,7 @@ def test_launch_reports_config_errors_cleanly(tmp_path, data):
 
 
 @pytest.mark.parametrize("name, world", [("llama3_8b_128k", 64), ("phi3_mini_128k", 64), ("smollm2_135m_32k", 1),
-                                         ("tiny", 2)])
+                                         ("tiny", 2), ("bench/llama1b_16k_1gpu", 1)])
 def test_shipped_configs_load_and_their_layout_fits(name, world):
     """Every preset parses strictly, its layout fits its stated hardware, and the token count in
     its header is what the numbers give."""
