@@ -162,18 +162,26 @@ class TrainConfig:
         name = self.dtype if self.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
         return getattr(torch, name)
 
+    def parallel_dims(self, world_size: int, model_cfg=None):
+        """The layout on ``world_size`` ranks, checked against the model, the sequence length and
+        the global batch (what a dry run can check without the run's files)."""
+        from longrope2.parallel import ParallelDims
+
+        p = self.parallel
+        dims = ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel, world_size=world_size)
+        dims.validate(model_cfg or self.model_config(), seq_len=self.seq_length)
+        if self.global_batch_size % dims.dp:
+            raise ValueError(f"global_batch_size {self.global_batch_size} not divisible by dp={dims.dp}")
+        return dims
+
     def check(self, world_size: int):
         """Every check that needs no process group: layout vs model and sequence length, batch
         split, RoPE factors, data files, the sampler's needs. Returns (dims, model_cfg, scaling)."""
         from longrope2.data.indexed import check_indexed
-        from longrope2.parallel import ParallelDims
 
         model_cfg = self.model_config()
         p = self.parallel
-        dims = ParallelDims(tp=p.tp, pp=p.pp, cp=p.cp, sequence_parallel=p.sequence_parallel, world_size=world_size)
-        dims.validate(model_cfg, seq_len=self.seq_length)
-        if self.global_batch_size % dims.dp:
-            raise ValueError(f"global_batch_size {self.global_batch_size} not divisible by dp={dims.dp}")
+        dims = self.parallel_dims(world_size, model_cfg)
         if self.seq_length <= model_cfg.original_max_position_embeddings:
             raise ValueError(f"seq_length {self.seq_length} must exceed the original window "
                              f"{model_cfg.original_max_position_embeddings}")

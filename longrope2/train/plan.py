@@ -248,14 +248,8 @@ def _layout_lines(dims, world: int, gpus_per_node: Optional[int]) -> list[str]:
 
 def plan_train(config, world: int, gpus_per_node: Optional[int] = None, device_gib: float = 80.0):
     """(text lines, Memory) of a ``TrainConfig`` on ``world`` GPUs; raises ValueError on a bad layout."""
-    from longrope2.parallel.layout import ParallelDims
-
     model = config.model_config()
-    par = config.parallel
-    dims = ParallelDims(tp=par.tp, pp=par.pp, cp=par.cp, sequence_parallel=par.sequence_parallel, world_size=world)
-    dims.validate(model, seq_len=config.seq_length)
-    if config.global_batch_size % dims.dp:
-        raise ValueError(f"global_batch_size {config.global_batch_size} not divisible by dp={dims.dp}")
+    dims = config.parallel_dims(world, model)
     lines = [f"dry run: {model.name} ({model.num_parameters() / 1e9:.2f}B parameters), "
              f"seq_length {config.seq_length:,}, dtype {_dtype_label(config.dtype)}"]
     lines += _layout_lines(dims, world, gpus_per_node)
