@@ -309,7 +309,9 @@ def summarize(records: Iterator[dict], ropes: list[Rope]) -> dict[str, Any]:
     nll: dict = defaultdict(lambda: [0.0, 0, 0])  # (task, rope, length) -> nll, tokens, samples
     scores: dict = defaultdict(list)  # (task, rope, length) -> [score]
     depth_scores: dict = defaultdict(list)  # (rope, length, depth) -> [score] (needle)
+    seconds = 0.0
     for record in records:
+        seconds += record.get("seconds", 0.0)
         label = fingerprints.get(record.get("fingerprint"))
         if label is None or record["task"] == "lm_eval":
             continue
@@ -324,7 +326,7 @@ def summarize(records: Iterator[dict], ropes: list[Rope]) -> dict[str, Any]:
             if record["task"] == "needle" and record.get("depth") is not None:
                 depth_scores[label, record["length"], record["depth"]].append(record["score"])
     summary: dict[str, Any] = {"ropes": {r.label: {"spec": r.spec, "fingerprint": r.fingerprint} for r in ropes},
-                               "metrics": {}}
+                               "metrics": {}, "compute_seconds": round(seconds, 1)}
     metrics = summary["metrics"]
     for (task, label, length), (total, count, samples) in nll.items():
         metrics.setdefault(task, {}).setdefault(label, {})[str(length)] = {
@@ -392,7 +394,8 @@ def markdown(config: EvalConfig, summary: dict, geometry, elapsed: float, comple
              f"Original window {geometry.original_max_position_embeddings} tokens; greedy decoding; "
              f"{config.attn_implementation} attention, {config.dtype}; seed {config.seed}; "
              f"{'complete' if complete else 'PARTIAL (still running or interrupted)'}, "
-             f"{elapsed / 60:.1f} min in this run.", "",
+             f"{summary['compute_seconds'] / 60:.1f} min of sample compute in all ({elapsed / 60:.1f} min in the "
+             f"last run).", "",
              "Samples per length: " + ("; ".join(counts) or "none") + ".", "",
              "Rope configs: " + ", ".join(f"`{label}` ({summary['ropes'][label]['spec']})" for label in labels) + ".", ""]
     for task in ("needle_ppl", "book_ppl"):
