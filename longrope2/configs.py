@@ -36,13 +36,17 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str = "con
         raise ValueError(f"{source}: {error}") from None
 
 
-def load_yaml(cls: type[T], path: str | Path, section: str | None = None) -> T:
+def load_yaml(cls: type[T], path: str | Path, section: str | None = None,
+              overrides: dict[str, Any] | None = None, what: str = "config") -> T:
+    """``cls`` from a YAML file (or its ``section``), top-level ``overrides`` (command-line
+    flags) applied before the strict check."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config {path} not found")
+        raise FileNotFoundError(f"{what} {path} not found")
     values = yaml.safe_load(path.read_text()) or {}
     if section is not None and section in values:
         values = values[section]
+    values.update(overrides or {})
     return from_dict(cls, values, source=str(path))
 
 

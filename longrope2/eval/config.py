@@ -149,11 +149,4 @@ class EvalConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "EvalConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval config {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        values.update(overrides or {})
-        return configs.from_dict(cls, values, source=str(path))
+        return configs.load_yaml(cls, path, overrides=overrides, what="eval config")

@@ -86,14 +86,7 @@ class SearchConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "SearchConfig":
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"search config {path} not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        values.update(overrides or {})
-        return configs.from_dict(cls, values, source=str(path))
+        return configs.load_yaml(cls, path, overrides=overrides, what="search config")
 
 
 def scaling_key(scaling) -> str:
