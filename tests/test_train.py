@@ -79,6 +79,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def signal_run_at_step(config_path: str, out: Path, step: int, sig: int) -> str:
+    """Start the 2-rank run, and once it has logged ``step`` send ``sig`` to torchrun and both
+    ranks (as Slurm signals every process of a step); returns the run's output."""
+    proc = subprocess.Popen(torchrun_command(2, str(LAUNCH), "--config", config_path), env=torchrun_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and max(metrics(out), default=0) >= step:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before it could be signalled at step {step}"
+        for pid in [proc.pid, *descendants(proc.pid)]:
+            os.kill(pid, sig)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return log
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     from longrope2.data.indexed import prepare_indexed
@@ -163,19 +185,7 @@ def test_sigkill_then_resume_continues_the_curve(tmp_path, data, runs):
     uninterrupted DP=2 run's bit for bit (loss, grad norm, lr)."""
     out = tmp_path / "killed"
     path = write(tmp_path / "killed.yaml", base_config(out, data, save_interval=2))
-    proc = subprocess.Popen(torchrun_command(2, str(LAUNCH), "--config", path), env=torchrun_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and max(metrics(out), default=0) >= 5:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both ranks: no chance to save
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    signal_run_at_step(path, out, 5, signal.SIGKILL)  # torchrun and both ranks: no chance to save
     killed_at = max(metrics(out))
     assert 5 <= killed_at < STEPS
     assert (out / "checkpoints" / "latest").read_text().strip() == "iter_0000004"

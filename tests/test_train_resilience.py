@@ -5,15 +5,13 @@ run's weights, at another parallel layout."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from test_train import LAUNCH, LAYOUTS, base_config, descendants, metrics, write
-from torchrun import run_torchrun, torchrun_command, torchrun_env
+from test_train import LAUNCH, LAYOUTS, base_config, metrics, signal_run_at_step, write
+from torchrun import run_torchrun, torchrun_env
 
 pytestmark = pytest.mark.distributed
 
@@ -102,22 +100,7 @@ def test_sigterm_saves_stops_and_resumes_the_curve(tmp_path, data):
 
     out = tmp_path / "preempted"
     path = write(tmp_path / "preempted.yaml", base_config(out, data, train_steps=steps))
-    proc = subprocess.Popen(torchrun_command(2, str(LAUNCH), "--config", path), env=torchrun_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and max(metrics(out), default=0) >= 2:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, "the run ended before it could be preempted"
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            os.kill(pid, signal.SIGTERM)
-        log, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    log = signal_run_at_step(path, out, 2, signal.SIGTERM)
     stopped_at = max(metrics(out))
     assert 2 <= stopped_at < steps, log[-3000:]
     assert f"SIGTERM: saved step {stopped_at}, stopping" in log, log[-3000:]
