@@ -94,3 +94,58 @@ def test_thd_cp_indices_are_chunks_r_and_mirror_of_every_document(cp):
     assert sorted(seen) == list(range(int(cu[-1])))
     with pytest.raises(ValueError, match="not all multiples of 2\\*cp"):
         thd_cp_indices(torch.tensor([0, 8 * cp + 1], dtype=torch.int32), 0, max(cp, 2))
+
+
+def _dense_reference(q, k, v, allowed, scale):
+    """Attention written out with an explicit boolean mask ([s, b, heads, d] in, [s, b, heads*d]
+    out): what the packed and CP paths replaced; K/V heads repeated for GQA."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v)
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+@pytest.mark.parametrize("lengths", [[5, 11, 8], [8, 8, 8, 3, 8], [24]])
+def test_packed_per_document_equals_dense_block_diagonal_mask(config, lengths):
+    """Packed THD attention (per document, equal lengths batched) equals attention with the
+    block-diagonal causal S x S mask it replaced, forward and grads, fp32, GQA."""
+    attention = SDPAttention(config, 1, AttnMaskType.causal, "self")
+    total = sum(lengths)
+    q, k, v = (x[:, 0].double().detach().requires_grad_() for x in _qkv(total, batch=1, seed=4))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    ours = attention(q, k, v, None, packed_seq_params=params)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    index = torch.arange(total)
+    allowed = (doc[:, None] == doc[None, :]) & (index[:, None] >= index[None, :])
+    reference = _dense_reference(*(x[:, None] for x in (q, k, v)), allowed, attention.softmax_scale)[:, 0]
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    weights = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad((ours * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((reference * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("queries,keys", [(6, 6), (4, 10), (1, 7)])
+def test_causal_attention_is_lower_right_aligned(queries, keys):
+    """``causal_attention`` with fewer queries than keys: query i sees keys 0..keys-queries+i
+    (TransformerEngine's and flash-attn's alignment), equal to the dense mask, grads included."""
+    from longrope2.model.attention import causal_attention
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, HEADS, queries, HEAD_DIM, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, GROUPS, keys, HEAD_DIM, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, GROUPS, keys, HEAD_DIM, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = causal_attention(q, k, v, scale=0.25)
+    allowed = torch.arange(queries)[:, None] + (keys - queries) >= torch.arange(keys)[None, :]
+    as_sbhd = lambda x: x.permute(2, 0, 1, 3)  # noqa: E731
+    reference = _dense_reference(as_sbhd(q), as_sbhd(k), as_sbhd(v), allowed, 0.25)
+    torch.testing.assert_close(as_sbhd(ours).reshape(reference.shape), reference, rtol=1e-9, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(ours.sum(), (q, k, v)),
+                    torch.autograd.grad(reference.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="need keys >= queries"):
+        causal_attention(k.repeat(1, 2, 1, 1), q[:, :, :1], q[:, :, :1], scale=0.25)

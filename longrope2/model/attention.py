@@ -3,20 +3,22 @@
 Megatron's own ``DotProductAttention`` materialises ``[b, heads, s, s]`` scores (10 GB per
 layer for SmolLM2 at 16k), refuses context parallelism and refuses packed (THD) input. This
 module is its drop-in (same constructor and forward) with what LongRoPE2 needs off the
-TransformerEngine path:
+TransformerEngine path, and it never builds an ``S x S`` mask, so SDPA always runs a fused
+causal kernel (flash on Hopper, a blocked flash kernel on CPU) in O(S) memory:
 
-* causal attention with GQA, through SDPA's fused kernels (flash on Hopper, a blocked kernel on
-  CPU) when no explicit mask is needed;
-* packed THD input: a block-diagonal causal mask from ``cu_seqlens`` so that no token sees
-  another document;
-* context parallelism: K and V are all-gathered over the CP group and the causal mask is built
-  from global positions, the chunks laid out as megatron slices them (rank r holds chunks r and
-  2cp-1-r of 2cp);
+* long sequences: one causal SDPA call, grouped-query K/V through SDPA's ``enable_gqa`` (no
+  ``repeat_interleave`` copies);
+* packed THD input: attention per document (``cu_seqlens``), documents of equal length batched
+  into one causal call, so no token sees another document;
+* context parallelism: K and V are all-gathered over the CP group and put back in global order;
+  each of this rank's two chunks (r and 2cp-1-r of 2cp, megatron's layout) attends causally to
+  the keys up to its own end (a lower-right-aligned causal mask: TransformerEngine's and
+  flash-attn's convention; ``causal_lower_right`` on CUDA, a square causal call over the
+  front-padded queries on CPU);
 * packed THD input under context parallelism, in TransformerEngine's layout: every document is
   padded to a multiple of 2cp and rank r holds chunks r and 2cp-1-r of EACH document
-  (``thd_cp_indices``); K and V are all-gathered, and each query's and key's index in the global
-  packed sequence (hence its document, from the padded ``cu_seqlens``) gives the causal +
-  same-document mask. Padding sits at the end of its document, so no real token sees it.
+  (``thd_cp_indices``); per document as above. Padding sits at the end of its document, so no
+  real token sees it.
 
 On GPU the TransformerEngine spec replaces it (TE's fused attention, CP via p2p/a2a).
 """
@@ -54,15 +56,6 @@ class _AllGatherSequence(torch.autograd.Function):
         return grad.chunk(ctx.size, dim=0)[ctx.rank], None
 
 
-def cp_chunk_positions(local_len: int, cp_rank: int, cp_size: int, device=None) -> torch.Tensor:
-    """Global positions of this rank's tokens: chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` of
-    ``2*cp_size`` (megatron's load-balanced CP layout)."""
-    chunk = local_len // 2
-    first = torch.arange(chunk, device=device) + cp_rank * chunk
-    second = torch.arange(chunk, device=device) + (2 * cp_size - 1 - cp_rank) * chunk
-    return torch.cat([first, second])
-
-
 def thd_cp_indices(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
     """Indices into the packed (global) THD sequence of the tokens CP rank ``cp_rank`` holds, in
     its local order: chunks ``cp_rank`` and ``2*cp_size-1-cp_rank`` of ``2*cp_size`` of every
@@ -81,6 +74,37 @@ def thd_cp_indices(cu_seqlens: torch.Tensor, cp_rank: int, cp_size: int) -> torc
     first = within < c
     offset = torch.where(first, cp_rank * c + within, (2 * cp_size - 1 - cp_rank) * c + within - c)
     return cu[:-1][seq] + offset
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Causal SDPA over ``[b, heads, m, d]`` queries and ``[b, groups, n, d]`` keys/values with
+    ``n >= m``: query i sits at key position ``n - m + i`` (lower-right alignment), so it sees
+    keys ``0 .. n - m + i``. No mask tensor is built: ``is_causal`` when square, torch's
+    ``causal_lower_right`` bias on CUDA (flash / memory-efficient kernels), and on CPU a square
+    causal call over queries front-padded with ``n - m`` zero rows, whose outputs are dropped (so
+    their gradients are zero)."""
+    m, n = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if m == n:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    if m > n:
+        raise ValueError(f"causal attention with {m} queries over {n} keys: need keys >= queries")
+    if q.is_cuda:
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(m, n), dropout_p=dropout,
+                                              scale=scale, enable_gqa=gqa)
+    padded = torch.cat([q.new_zeros(*q.shape[:-2], n - m, q.shape[-1]), q], dim=-2)
+    out = F.scaled_dot_product_attention(padded, k, v, is_causal=True, dropout_p=dropout, scale=scale, enable_gqa=gqa)
+    return out[..., n - m:, :]
+
+
+def _segments(cu_seqlens: torch.Tensor, total: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each packed document, checked against the packed length."""
+    bounds = cu_seqlens.tolist()
+    if bounds[-1] != total or bounds[0] != 0:
+        raise ValueError(f"cu_seqlens cover {bounds[-1] - bounds[0]} tokens, the packed sequence has {total}")
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 class SDPAttention(MegatronModule):
@@ -107,63 +131,96 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAttention")
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if packed:
-            # [t, heads, d] -> [1, t, heads, d]: one sequence with a block-diagonal mask
+        if packed:  # [t, heads, d] -> [t, 1, heads, d]
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         cp_group = self._cp_group()
         if cp_group is not None:
             key = _AllGatherSequence.apply(key, cp_group)
             value = _AllGatherSequence.apply(value, cp_group)
-        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-
-        mask = None
+        dropout = self.dropout if self.training else 0.0
         if packed:
             # the padded layout when there is one (megatron's rotary reads the same)
             cu = packed_seq_params.cu_seqlens_q_padded
             cu = packed_seq_params.cu_seqlens_q if cu is None else cu
             if cp_group is None:
-                mask = self._document_mask(cu, q.shape[2], q.device)
+                out = self._packed(query, key, value, cu, dropout)
             else:
-                mask = self._cp_document_mask(cu, q.shape[2], cp_group, q.device)
-        elif cp_group is not None:
-            cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
-            q_pos = cp_chunk_positions(q.shape[2], cp_rank, cp_size, q.device)
-            k_pos = torch.cat([cp_chunk_positions(q.shape[2], r, cp_size, q.device) for r in range(cp_size)])
-            mask = q_pos[:, None] >= k_pos[None, :]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-        )
+                out = self._packed_cp(query, key, value, cu, cp_group, dropout)
+            return out.reshape(out.shape[0], -1)  # [t, heads * d]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+        if cp_group is None:
+            out = causal_attention(q, k, v, self.softmax_scale, dropout)
+        else:
+            out = self._long_cp(q, k, v, cp_group, dropout)
         out = out.permute(2, 0, 1, 3)  # [s, b, heads, d]
-        if packed:
-            return out.squeeze(1).reshape(out.shape[0], -1)  # [t, heads * d]
         return out.reshape(out.shape[0], out.shape[1], -1)  # [s, b, heads * d]
 
-    @staticmethod
-    def _document_mask(cu_seqlens: torch.Tensor, total: int, device) -> torch.Tensor:
-        """Causal within each packed document, nothing across documents."""
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
-        doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-        if doc.numel() != total:
-            raise ValueError(f"cu_seqlens cover {doc.numel()} tokens, the packed sequence has {total}")
-        index = torch.arange(total, device=device)
-        return (doc[:, None] == doc[None, :]) & (index[:, None] >= index[None, :])
+    def _packed(self, query, key, value, cu_seqlens, dropout):
+        """Each document attends causally to itself; documents of one length share a call."""
+        segments = _segments(cu_seqlens, query.shape[0])
+        by_length: dict[int, list[int]] = {}
+        for start, length in segments:
+            by_length.setdefault(length, []).append(start)
+        if len(segments) == 1:
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            return causal_attention(q, k, v, self.softmax_scale, dropout).permute(2, 0, 1, 3)[:, 0]
+        out = query.new_empty(query.shape[0], query.shape[2], value.shape[3])
+        for length, starts in by_length.items():
+            index = (torch.tensor(starts, device=query.device)[:, None]
+                     + torch.arange(length, device=query.device)).reshape(-1)
+            # [n * L, 1, h, d] -> [n, h, L, d]
+            q, k, v = (x.index_select(0, index).reshape(len(starts), length, x.shape[2], x.shape[3]).transpose(1, 2)
+                       for x in (query, key, value))
+            part = causal_attention(q, k, v, self.softmax_scale, dropout)  # [n, h, L, d]
+            out = out.index_copy(0, index, part.transpose(1, 2).reshape(-1, part.shape[1], part.shape[3]))
+        return out
 
-    @staticmethod
-    def _cp_document_mask(cu_seqlens: torch.Tensor, local: int, cp_group, device) -> torch.Tensor:
-        """THD under CP: queries are this rank's tokens, keys every rank's (all-gather order);
-        causal within each document by global index, nothing across documents."""
-        cu = cu_seqlens.to(device)
+    def _long_cp(self, q, k, v, cp_group, dropout):
+        """Chunks r and 2cp-1-r of one sequence; K/V all-gathered in rank order."""
         cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
-        q_index = thd_cp_indices(cu, cp_rank, cp_size)
-        if q_index.numel() != local:
-            raise ValueError(f"cu_seqlens cover {int(cu[-1])} tokens, {q_index.numel()} on CP rank {cp_rank}; "
-                             f"the local packed sequence has {local}")
-        k_index = torch.cat([thd_cp_indices(cu, r, cp_size) for r in range(cp_size)])
-        bounds = cu[1:].to(torch.int64)
-        q_doc = torch.searchsorted(bounds, q_index, right=True)
-        k_doc = torch.searchsorted(bounds, k_index, right=True)
-        return (q_doc[:, None] == k_doc[None, :]) & (q_index[:, None] >= k_index[None, :])
+        local = q.shape[2]
+        chunk = local // 2
+        order = _global_chunk_order(cp_size, chunk, q.device)
+        k, v = k.index_select(2, order), v.index_select(2, order)
+        outs = []
+        for half, g in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+            end = (g + 1) * chunk
+            outs.append(causal_attention(q[:, :, half * chunk:(half + 1) * chunk], k[:, :, :end], v[:, :, :end],
+                                         self.softmax_scale, dropout))
+        return torch.cat(outs, dim=2)
+
+    def _packed_cp(self, query, key, value, cu_seqlens, cp_group, dropout):
+        """THD under CP: per document, this rank's two chunks against the document's keys in
+        global order (all-gathered, TE's per-document chunk layout)."""
+        cp_rank, cp_size = dist.get_rank(cp_group), dist.get_world_size(cp_group)
+        cu = cu_seqlens.to(query.device)
+        local_index = thd_cp_indices(cu, cp_rank, cp_size)
+        if local_index.numel() != query.shape[0]:
+            raise ValueError(f"cu_seqlens cover {int(cu[-1])} tokens, {local_index.numel()} on CP rank {cp_rank}; "
+                             f"the local packed sequence has {query.shape[0]}")
+        # where each global token sits in the all-gathered keys: rank-major, each rank's local order
+        gathered = torch.cat([thd_cp_indices(cu, r, cp_size) for r in range(cp_size)])
+        where = torch.empty_like(gathered)
+        where[gathered] = torch.arange(gathered.numel(), device=gathered.device)
+        parts = []  # in local order: document by document, chunk r then chunk 2cp-1-r
+        local_start = 0
+        for start, length in _segments(cu, int(cu[-1])):
+            chunk = length // (2 * cp_size)
+            keys = where[start:start + length]
+            k, v = (x.index_select(0, keys).permute(1, 2, 0, 3) for x in (key, value))  # [1, g, L, d]
+            for half, g in enumerate((cp_rank, 2 * cp_size - 1 - cp_rank)):
+                rows = slice(local_start + half * chunk, local_start + (half + 1) * chunk)
+                q = query[rows].permute(1, 2, 0, 3)  # [1, h, c, d]
+                end = (g + 1) * chunk
+                part = causal_attention(q, k[:, :, :end], v[:, :, :end], self.softmax_scale, dropout)
+                parts.append(part.permute(2, 0, 1, 3)[:, 0])  # [c, h, d]
+            local_start += 2 * chunk
+        return torch.cat(parts, dim=0)
+
+
+def _global_chunk_order(cp_size: int, chunk: int, device) -> torch.Tensor:
+    """Index into the rank-ordered all-gather (rank r: chunks r, 2cp-1-r) giving global order."""
+    slot = {}
+    for r in range(cp_size):
+        slot[r], slot[2 * cp_size - 1 - r] = 2 * r, 2 * r + 1
+    return torch.cat([torch.arange(chunk, device=device) + slot[g] * chunk for g in range(2 * cp_size)])
