@@ -120,16 +120,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Tokenize corpora (default: the embedded books) into a megatron indexed dataset."""
-    from longrope2.data.indexed import prepare_indexed, tokenizer_from_spec
+    from longrope2.data.prepare import PrepareConfig, run_prepare
 
     try:
-        tokenizer, vocab = tokenizer_from_spec(args.tokenizer)
-        stats = prepare_indexed(args.output, tokenizer, vocab, args.inputs, args.min_doc_tokens, args.max_doc_tokens,
-                                args.seed, args.text_field)
+        config = PrepareConfig(output=args.output, tokenizer=args.tokenizer, inputs=list(args.inputs),
+                               train_tokenizer=args.train_tokenizer, min_doc_tokens=args.min_doc_tokens,
+                               max_doc_tokens=args.max_doc_tokens, needle_fraction=args.needle_fraction,
+                               text_field=args.text_field, seed=args.seed)
+        stats, vocab, name = run_prepare(config)
     except (ValueError, FileNotFoundError, ImportError) as error:
         raise SystemExit(f"error: {error}") from None
+    needles = f", {stats.needle_documents:,} needle documents" if config.needle_fraction else ""
     print(f"{stats.prefix}.bin/.idx: {stats.documents:,} documents, {stats.tokens:,} tokens "
-          f"from {stats.sources} sources ({tokenizer.name}, vocab {vocab})")
+          f"from {stats.sources} sources ({name}, vocab {vocab}){needles}")
     if args.window:
         short, short_tokens, long, long_tokens = stats.short_long(args.window)
         print(f"  <= {args.window} tokens (short): {short:,} documents, {short_tokens:,} tokens; "
@@ -215,9 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = verbs.add_parser("prepare-data", help="tokenize text/JSONL/parquet (default: the embedded books) "
                                                     "into a megatron indexed dataset (.bin/.idx)")
-    prepare.add_argument("inputs", nargs="*", help=".txt books, .jsonl/.parquet records with a text field, or folders")
-    prepare.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin and PREFIX.idx")
-    prepare.add_argument("--tokenizer", required=True, help="hashed-words:VOCAB, smollm2, or an HF tokenizer path/.gguf")
+    prepare.add_argument("inputs", nargs="*", help=".txt books, .jsonl/.parquet records with a text field, folders, "
+                         "or embedded:NAME (one embedded book, e.g. embedded:emma)")
+    prepare.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    prepare.add_argument("--tokenizer", required=True, help="hashed-words:VOCAB, smollm2, or an HF tokenizer path/.gguf "
+                         "(with --train-tokenizer: the folder to write)")
+    prepare.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="first train a sentencepiece BPE "
+                         "tokenizer of VOCAB pieces on the inputs, into the --tokenizer folder (reused if present)")
+    prepare.add_argument("--needle-fraction", type=float, default=0.0, help="rewrite this fraction of documents as "
+                         "needle documents of the same length (a retrieval skill for models trained from scratch)")
     prepare.add_argument("--min-doc-tokens", type=int, default=64, help="books are cut into documents of log-uniform "
                          "lengths between these two")
     prepare.add_argument("--max-doc-tokens", type=int, default=32768)
@@ -248,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf.add_argument("--rope-style", choices=["rope_parameters", "rope_scaling"], default="rope_parameters",
                        help="transformers >= 5 (rope_parameters) or legacy / vLLM (rope_scaling)")
     to_hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (5GB, 500MB, ...)")
+    to_hf.add_argument("--tokenizer", help="HF tokenizer folder to copy into the output (default: the --model "
+                       "folder's or the checkpoint's hf/)")
     for sub in (to_mcore, to_hf):
         sub.add_argument("--tp", type=int, default=1, help="tensor parallel size (world size = tp x pp)")
         sub.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
@@ -263,12 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ropes", help="comma-separated rope specs, e.g. original,yarn,longrope2=best.json")
     evaluate.add_argument("--lengths", help="comma-separated context lengths")
     evaluate.set_defaults(func=cmd_eval)
+    pipeline = verbs.add_parser("pipeline", add_help=False,
+                                help="the whole method from one YAML: prepare, import|pretrain, search, train, "
+                                     "export, eval (see `longrope2 pipeline --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `longrope2 ... | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pipeline"]:  # its own parser (longrope2/pipeline.py), flags passed through
+        from longrope2.pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

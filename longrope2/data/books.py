@@ -49,6 +49,8 @@ __all__ = [
     "fetch_books",
     "load_books",
     "load_text_files",
+    "embedded_book",
+    "is_embedded_spec",
     "fetch_debian_packages",
     "download_sentencepiece_sdist",
     "books_from_debian_tree",
@@ -400,6 +402,22 @@ def load_books(
     return fetch_books(cache, progress=progress)
 
 
+EMBEDDED = "embedded:"
+
+
+def embedded_book(name: str, cache_dir: str | os.PathLike | None = None) -> Book:
+    """One of the embedded books by title or file slug (``Persuasion``, ``moby_dick``)."""
+    books = load_books(cache_dir, progress=False)
+    for book in books:
+        if name in (book.title, book.key) or _slug(name) == book.key:
+            return book
+    raise ValueError(f"no embedded book {name!r}; known: {', '.join(b.key for b in books)}")
+
+
+def is_embedded_spec(spec: str | os.PathLike) -> bool:
+    return isinstance(spec, str) and spec.startswith(EMBEDDED)
+
+
 def load_text_files(
     paths: str | os.PathLike | Iterable[str | os.PathLike],
     strip_boilerplate: bool = True,
@@ -407,9 +425,18 @@ def load_text_files(
 ) -> list[Book]:
     """User-supplied plain-text books (e.g. PG19 ``.txt`` files). A directory contributes its
     ``*.txt`` files (sorted). Texts are read as UTF-8 (BOM allowed; Latin-1 fallback) and, with
-    ``strip_boilerplate``, Project Gutenberg headers/licences are removed. Title: file stem."""
+    ``strip_boilerplate``, Project Gutenberg headers/licences are removed. Title: file stem.
+    An entry ``embedded:NAME`` is one of the embedded books (``embedded:persuasion``), so a
+    config can hold one out of training and evaluate on it."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    paths = list(paths)
+    if any(is_embedded_spec(p) for p in paths):  # in the given order, files and embedded mixed
+        books: list[Book] = []
+        for p in paths:
+            books += [embedded_book(p[len(EMBEDDED):])] if is_embedded_spec(p) else \
+                load_text_files([p], strip_boilerplate, title_from)
+        return books
     paths = [Path(p).expanduser() for p in paths]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:

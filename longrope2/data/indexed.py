@@ -6,6 +6,7 @@ Sources, by file type:
 * ``.jsonl`` / ``.json`` (one JSON object per line): the ``text`` field of each record is one
   document (RedPajama, Fineweb-Edu and most corpora ship this way);
 * ``.parquet``: the ``text`` column, one document per row (needs ``pyarrow``);
+* ``embedded:NAME``: one of the embedded books (``embedded:emma``), cut into documents;
 * no paths: the embedded public-domain books (``longrope2.data.books``), cut into documents.
 
 Books are long (60k-300k tokens), so they are cut into documents whose token lengths are drawn
@@ -43,6 +44,7 @@ class PrepareStats:
     documents: int = 0
     tokens: int = 0
     sources: int = 0
+    needle_documents: int = 0
     lengths: list[int] = field(default_factory=list, repr=False)
 
     def short_long(self, window: int) -> tuple[int, int, int, int]:
@@ -96,7 +98,13 @@ def tokenizer_from_spec(spec: str) -> tuple[TextTokenizer, int]:
 
 def iter_texts(paths: Sequence[str | os.PathLike], text_field: str = "text") -> Iterator[tuple[str, str, bool]]:
     """``(source, text, is_book)`` for each record; books are cut into documents later."""
+    from longrope2.data.books import EMBEDDED, embedded_book, is_embedded_spec
+
     for raw in paths:
+        if is_embedded_spec(raw):  # embedded:NAME, one of the embedded books
+            book = embedded_book(raw[len(EMBEDDED):])
+            yield f"book:{book.title}", book.text, True
+            continue
         path = Path(raw).expanduser()
         if path.is_dir():
             yield from iter_texts(sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".parquet")),
@@ -183,13 +191,24 @@ def prepare_indexed(
     seed: int = 0,
     text_field: str = "text",
     progress: bool = True,
+    needle_fraction: float = 0.0,
 ) -> PrepareStats:
-    """Tokenize ``paths`` (default: the embedded books) into an indexed dataset at ``prefix``."""
+    """Tokenize ``paths`` (default: the embedded books) into an indexed dataset at ``prefix``.
+
+    ``needle_fraction``: that fraction of the documents (seeded) is rewritten as needle
+    documents of the same length (``data.needle.needle_in_document``); counted in
+    ``stats.needle_documents``."""
     from tqdm import tqdm
 
+    from longrope2.data.books import is_embedded_spec
+    from longrope2.data.needle import needle_in_document
+
+    if not 0.0 <= needle_fraction <= 1.0:
+        raise ValueError(f"needle_fraction must be in [0, 1], got {needle_fraction}")
     rng = random.Random(seed)
+    needle_rng = np.random.default_rng([seed, 7])
     if paths:
-        missing = [str(p) for p in paths if not Path(p).expanduser().exists()]
+        missing = [str(p) for p in paths if not is_embedded_spec(p) and not Path(p).expanduser().exists()]
         if missing:
             raise FileNotFoundError("data file(s) not found: " + ", ".join(missing))
         texts = iter_texts(paths, text_field)
@@ -199,6 +218,14 @@ def prepare_indexed(
         texts = ((f"book:{b.title}", b.text, True) for b in load_books(progress=progress))
     stats = PrepareStats(str(prefix))
 
+    def with_needles(document: list[int]) -> list[int]:
+        if needle_fraction and needle_rng.random() < needle_fraction:
+            needle = needle_in_document(tokenizer.encode, document, needle_rng, tokenizer.bos_token_id)
+            if needle is not None:
+                stats.needle_documents += 1
+                return needle.tokens
+        return document
+
     def documents() -> Iterator[list[int]]:
         bar = tqdm(texts, desc=f"tokenizing ({tokenizer.name})", unit=" records", disable=not progress,
                    file=sys.stderr)
@@ -207,11 +234,11 @@ def prepare_indexed(
             ids = tokenizer.encode(text)
             bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
             if not is_book and len(ids) + len(bos) <= max_doc_tokens:
-                yield bos + ids
+                yield with_needles(bos + ids)
                 continue
-            start = 0
-            for n in cut_lengths(len(ids), min_doc_tokens, max_doc_tokens, rng):
-                yield bos + ids[start:start + n]
+            start = 0  # document lengths, BOS included, in [min_doc_tokens, max_doc_tokens]
+            for n in cut_lengths(len(ids), max(1, min_doc_tokens - len(bos)), max_doc_tokens - len(bos), rng):
+                yield with_needles(bos + ids[start:start + n])
                 start += n
             bar.set_postfix(docs=stats.documents, tokens=stats.tokens)
 

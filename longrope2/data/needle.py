@@ -131,3 +131,23 @@ def make_needle_documents(
             documents.append(make_needle_document(encode, tokens, length, rng, depth, books[i % len(books)][0],
                                                   bos_token_id))
     return documents
+
+
+def needle_in_document(
+    encode: Encode,
+    document: Sequence[int],
+    rng: np.random.Generator,
+    bos_token_id: int | None = None,
+) -> NeedleDocument | None:
+    """``document`` (token ids, starting with ``bos_token_id`` if given) rewritten as a needle
+    document of the same length: the instruction, the needle at a uniformly random depth of the
+    document's own text, the question and the answer at the end. ``None`` when the document is
+    too short to hold the template and some text. Mixed into a training corpus
+    (``prepare-data --needle-fraction``), this gives a small model trained from scratch a
+    retrieval skill within its window, which the base models of the paper have."""
+    body = list(document[1:] if bos_token_id is not None and document and document[0] == bos_token_id else document)
+    try:
+        return make_needle_document(encode, body, len(document), rng, depth=float(rng.random()),
+                                    bos_token_id=bos_token_id if len(body) < len(document) else None)
+    except ValueError:  # shorter than the template plus one token of text
+        return None

@@ -3,10 +3,14 @@ tokenizer for randomly initialised test models (no vocabulary file needed)."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterable
 
 
 @dataclass
@@ -40,3 +44,31 @@ def from_hf(tokenizer, name: str = "hf") -> TextTokenizer:
         tokenizer.bos_token_id if adds_bos else None,
         name,
     )
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, folder: str | os.PathLike) -> Path:
+    """Train a sentencepiece BPE model of ``vocab_size`` pieces on ``texts`` (one paragraph per
+    line) and write it as an HF tokenizer folder (``tokenizer.model`` + ``tokenizer.json``, a
+    LLaMA-style tokenizer that adds ``<s>``), loadable with ``AutoTokenizer.from_pretrained``.
+
+    Digits are split (a 7-digit needle answer is 7 tokens, as in LLaMA), unknown characters fall
+    back to bytes, and training is single-threaded, so the same texts give the same model."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    model = io.BytesIO()
+    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type="bpe", split_digits=True,
+        byte_fallback=True, character_coverage=1.0, num_threads=1, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        max_sentence_length=1 << 20, input_sentence_size=0, minloglevel=2)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "tokenizer.model").write_bytes(model.getvalue())
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+    AutoTokenizer.from_pretrained(tmp).save_pretrained(tmp)  # adds tokenizer.json (fast)
+    os.replace(tmp, folder)  # complete or absent
+    return folder
