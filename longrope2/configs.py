@@ -27,13 +27,23 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str = "con
         raise ValueError(f"{source}: missing keys {missing}")
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
-        hint = hints.get(name)
-        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, Mapping):
+        hint = _section_type(hints.get(name))
+        if hint is not None and isinstance(value, Mapping):
             values[name] = from_dict(hint, value, f"{source}.{name}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from None
+
+
+def _section_type(hint: Any) -> type | None:
+    """The dataclass of a section field (``Section`` or ``Optional[Section]``), else None."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
 
 
 def load_yaml(cls: type[T], path: str | Path, section: str | None = None,

@@ -178,11 +178,12 @@ class MixedWindowSampler:
         if short_fraction > 0 and original_window % pad_multiple:
             raise ValueError(f"original window {original_window} not divisible by pad_multiple {pad_multiple} "
                              "(2*cp): a padded short document could pass the window and get the rescaled RoPE")
-        if seq_length <= original_window:
-            raise ValueError(f"seq_length {seq_length} must exceed the original window {original_window} "
-                             "(long micro-batches use the rescaled RoPE)")
         if not 0.0 <= short_fraction <= 1.0:
             raise ValueError(f"short_fraction must be in [0, 1], got {short_fraction}")
+        if seq_length <= original_window and short_fraction < 1.0:
+            raise ValueError(f"seq_length {seq_length} must exceed the original window {original_window} "
+                             "(long micro-batches use the rescaled RoPE); only short_fraction 1 (pre-training) "
+                             "may pack short documents into shorter micro-batches")
         self.store = store
         self.seq_length = seq_length
         self.original_window = original_window

@@ -93,7 +93,9 @@ class OptimConfig:
 class TrainConfig:
     model: str
     """Model preset (configs/models) or a model YAML."""
-    rope: RopeConfig
+    rope: Optional[RopeConfig]
+    """The rescaled RoPE of long micro-batches. ``null`` = the original RoPE only, which is
+    pre-training at the original window: every micro-batch short (``data.short_fraction: 1``)."""
     output_dir: str
     """Checkpoints (``checkpoints/iter_*``), ``metrics.jsonl``, TensorBoard events, the config."""
     seq_length: int
@@ -151,6 +153,8 @@ class TrainConfig:
         from longrope2.rope.scaling import RopeScaling
 
         rope = self.rope
+        if rope is None:
+            return None
         geometry = model_cfg.rope_geometry
         if rope.method is not None:
             return RopeScaling.from_method(rope.method, geometry, rope.target_length, rope.attention_factor)
@@ -182,11 +186,17 @@ class TrainConfig:
         model_cfg = self.model_config()
         p = self.parallel
         dims = self.parallel_dims(world_size, model_cfg)
-        if self.seq_length <= model_cfg.original_max_position_embeddings:
-            raise ValueError(f"seq_length {self.seq_length} must exceed the original window "
-                             f"{model_cfg.original_max_position_embeddings}")
-        if self.rope.target_length < self.seq_length:
-            raise ValueError(f"rope.target_length {self.rope.target_length} < seq_length {self.seq_length}")
+        if self.rope is None:
+            if self.data.short_fraction != 1.0:
+                raise ValueError(f"rope: null (the original RoPE only, pre-training) needs data.short_fraction 1.0, "
+                                 f"got {self.data.short_fraction}: long micro-batches use a rescaled RoPE")
+        else:
+            if self.seq_length <= model_cfg.original_max_position_embeddings:
+                raise ValueError(f"seq_length {self.seq_length} must exceed the original window "
+                                 f"{model_cfg.original_max_position_embeddings} (or set rope: null and "
+                                 "data.short_fraction: 1.0 to pre-train at the original window)")
+            if self.rope.target_length < self.seq_length:
+                raise ValueError(f"rope.target_length {self.rope.target_length} < seq_length {self.seq_length}")
         if self.data.short_fraction > 0:  # packed short micro-batches (THD), padded per document under CP
             multiple, window = self.data.resolved_pad_multiple(p.cp), model_cfg.original_max_position_embeddings
             if p.cp > 1 and multiple % (2 * p.cp):
