@@ -394,10 +394,15 @@ def export_hf_config(cfg: ModelConfig, base: Optional[dict[str, Any]], scaling: 
 
 def export_hf(checkpoint: str | Path, output: str | Path, cfg: ModelConfig, scaling: Optional[RopeScaling] = None,
               hf_meta: Optional[str | Path] = None, style: str = "rope_parameters",
-              max_shard_size: str | int = "5GB", dtype: Optional[torch.dtype] = None, progress: bool = True) -> Path:
+              max_shard_size: str | int = "5GB", dtype: Optional[torch.dtype] = None, progress: bool = True,
+              tokenizer: Optional[str | Path] = None) -> Path:
     """Write an HF folder (safetensors, config.json, generation config, tokenizer files) from a
     megatron distributed checkpoint, at the current megatron layout. ``hf_meta`` is an HF folder
-    (default: ``<checkpoint>/hf`` written by ``import_hf``) whose config and tokenizer are kept."""
+    (default: ``<checkpoint>/hf`` written by ``import_hf``) whose config and tokenizer are kept;
+    ``tokenizer``, an HF tokenizer folder whose files are copied instead (a model trained here
+    from scratch, with a tokenizer from ``prepare-data --train-tokenizer``)."""
+    if tokenizer is not None and not (Path(tokenizer) / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer} has no tokenizer_config.json")
     from megatron.core import dist_checkpointing
 
     from longrope2.model.gpt import build_gpt_model
@@ -430,8 +435,12 @@ def export_hf(checkpoint: str | Path, output: str | Path, cfg: ModelConfig, scal
         (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if hf_meta is not None:
             for name in ("generation_config.json", *TOKENIZER_FILES):
-                if (Path(hf_meta) / name).is_file():
+                if (Path(hf_meta) / name).is_file() and not (tokenizer is not None and name in TOKENIZER_FILES):
                     shutil.copy2(Path(hf_meta) / name, output / name)
+        if tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer) / name).is_file():
+                    shutil.copy2(Path(tokenizer) / name, output / name)
         if not (output / "generation_config.json").is_file():
             gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
             (output / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2) + "\n")
@@ -473,7 +482,7 @@ def resolve_rope(spec: str, cfg: ModelConfig, target_length: Optional[int] = Non
         raise FileNotFoundError(f"--rope: {path} not found")
     if path.suffix in (".yaml", ".yml"):
         run = TrainConfig.from_yaml(path)
-        if target_length is not None or attention_factor is not None:
+        if run.rope is not None and (target_length is not None or attention_factor is not None):
             run.rope.target_length = target_length or run.rope.target_length
             run.rope.attention_factor = attention_factor if attention_factor is not None else run.rope.attention_factor
         return run.rope_scaling(cfg)
@@ -513,7 +522,7 @@ def run_convert(args) -> int:
         initialize_parallel(dims)
         try:
             export_hf(checkpoint, args.output, cfg, scaling, meta, args.rope_style, args.max_shard_size,
-                      dtypes[args.dtype])
+                      dtypes[args.dtype], tokenizer=args.tokenizer)
         finally:
             destroy_parallel()
         if _rank() == 0:
