@@ -75,6 +75,9 @@ class ExportSection:
     rope_style: str = "rope_parameters"
     """transformers >= 5 (``rope_parameters``) or legacy / vLLM (``rope_scaling``)."""
     dtype: str = "auto"
+    searched_base: bool = False
+    """Also export the base model with the searched factors, untrained, to ``export/base-longrope2``
+    (what a search-only pipeline hands over)."""
 
     def __post_init__(self) -> None:
         if self.rope_style not in ("rope_parameters", "rope_scaling"):
@@ -97,8 +100,9 @@ class PipelineConfig:
     """YAML key ``import``."""
     pretrain: Optional[dict] = None
     """``TrainConfig`` fields without ``output_dir`` (``rope: null``)."""
-    search: Optional[dict] = None
-    """``SearchConfig`` fields without ``output_dir`` and ``checkpoint``."""
+    search: Optional[dict | str] = None
+    """``SearchConfig`` fields without ``output_dir`` and ``checkpoint``, or a search YAML's path
+    (its ``output_dir``, ``checkpoint`` and ``model`` are replaced by the pipeline's)."""
     train: Optional[dict] = None
     """``TrainConfig`` fields without ``output_dir`` and ``load``."""
     arms: dict[str, dict] = field(default_factory=dict)
@@ -158,6 +162,24 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
+def _section(value: Any, owned: tuple[str, ...], where: str) -> Optional[dict]:
+    """A stage section: a mapping, or the path of that stage's own YAML (``search:
+    configs/search/x.yaml``), whose wired fields (``owned``) the pipeline replaces."""
+    if value is None or isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: a mapping of the stage's fields or the path of its YAML, got {value!r}")
+    import yaml
+
+    path = Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: {path} not found")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: {path} is not a mapping")
+    return {k: v for k, v in loaded.items() if k not in owned}
+
+
 def _owned(section: dict, fields: tuple[str, ...], where: str) -> None:
     given = [f for f in fields if f in section]
     if given:
@@ -187,7 +209,9 @@ class Plan:
     def stages(self) -> list[str]:
         present = {"prepare": bool(self.prepare), "import": self.config.import_ is not None,
                    "pretrain": self.pretrain is not None, "search": self.search is not None,
-                   "train": bool(self.runs), "export": bool(self.runs) and bool(self.evals), "eval": bool(self.evals)}
+                   "train": bool(self.runs),
+                   "export": (bool(self.runs) and bool(self.evals)) or self.config.export.searched_base,
+                   "eval": bool(self.evals)}
         return [s for s in STAGES if present[s]]
 
 
@@ -243,17 +267,18 @@ def build_plan(config: PipelineConfig) -> Plan:
             raise ValueError("pretrain.rope must be null: pre-training uses the original RoPE")
         plan.base_hf = str(out / "pretrain" / "hf")
         plan.base_checkpoint = out / "pretrain" / "checkpoints"
-    if config.search is not None:
-        _owned(config.search, ("output_dir", "checkpoint", "model"), "search")
+    search = _section(config.search, ("output_dir", "checkpoint", "model"), "search")
+    if search is not None:
+        _owned(search, ("output_dir", "checkpoint", "model"), "search")
         plan.search = configs.from_dict(
-            SearchConfig, {**config.search, "output_dir": str(out / "search"), "checkpoint": plan.base_hf}, "search")
+            SearchConfig, {**search, "output_dir": str(out / "search"), "checkpoint": plan.base_hf}, "search")
     if config.train is not None:
         _owned(config.train, ("output_dir", "load"), "train")
         arms = config.arms or {"train": {}}
         seeds = config.seeds or [None]
-        for arm, overrides in arms.items():
-            _owned(overrides, ("output_dir", "load"), f"arms.{arm}")
-            for seed in seeds:
+        for seed in seeds:  # every arm of the first seed first: a partial run has a comparison
+            for arm, overrides in arms.items():
+                _owned(overrides, ("output_dir", "load"), f"arms.{arm}")
                 name = arm if seed is None or len(seeds) == 1 else f"{arm}-seed{seed}"
                 section = _merge(config.train, overrides)
                 if seed is not None:
@@ -272,6 +297,8 @@ def build_plan(config: PipelineConfig) -> Plan:
                 if run.rope is None:
                     raise ValueError(f"train ({name}): rope null is pre-training; a train run needs rescaled factors")
                 plan.runs[name] = run
+    if config.export.searched_base and plan.search is None:
+        raise ValueError("export.searched_base needs a search stage")
     if config.eval is not None:
         _owned(config.eval, ("model", "output_dir"), "eval")
         section = dict(config.eval)
@@ -404,6 +431,21 @@ def units(plan: Plan) -> dict[str, list[Unit]]:
             work["export"].append(Unit("export", name, out / "export" / f".{name}{DONE}", {
                 "run": cfgs.to_dict(run), "export": cfgs.to_dict(cfg.export)},
                 lambda name=name: (out / "export" / name / "config.json").is_file(), run_export))
+    if cfg.export.searched_base:
+        def export_searched(launcher: "Launcher") -> None:
+            if plan.pretrain is not None:
+                args = ["--checkpoint", plan.pretrain.output_dir, "--model", plan.pretrain.model]
+            else:
+                args = ["--checkpoint", str(plan.base_checkpoint)]
+            args += ["--tokenizer", plan.tokenizer] if plan.tokenizer else []
+            launcher.cli("convert", ["export-hf", *args, "--output", str(out / "export" / "base-longrope2"),
+                                     "--rope", str(out / "search" / "best.json"), "--rope-style", cfg.export.rope_style,
+                                     "--dtype", cfg.export.dtype], fresh=out / "export" / "base-longrope2")
+
+        work["export"].insert(0, Unit("export", "base-longrope2", out / "export" / f".base-longrope2{DONE}",
+                                      {"search": cfgs.to_dict(plan.search), "export": cfgs.to_dict(cfg.export)},
+                                      lambda: (out / "export" / "base-longrope2" / "config.json").is_file(),
+                                      export_searched))
     for name, ev in plan.evals.items():
         def run_eval(launcher: "Launcher", ev=ev, name=name) -> None:
             config_file = _write_yaml(out / "eval" / name / "config.yaml", cfgs.to_dict(ev))
@@ -489,8 +531,8 @@ class Launcher:
                 run_search(*value)
             return
         if self.mode == "slurm":
+            # ranks per node: NPROC_PER_NODE, else the node's GPUs (slurm/torchrun.sh), not the YAML's local count
             env = {**self._env(), "ENTRY": script, "CONFIG": str(config_file), "EXTRA_ARGS": " ".join(extra)}
-            env.setdefault("NPROC_PER_NODE", str(self.config.nproc_per_node))
             self._call(["bash", str(ROOT / "slurm" / "torchrun.sh")], f"srun {script}", env)
             return
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.config.nproc_per_node}",
@@ -637,9 +679,13 @@ def dry_run_lines(plan: Plan, world: int, gpus_per_node: Optional[int], gpu_memo
             fits = False
     for name, run in plan.runs.items():
         fits &= train_plan(f"train ({name})", run)
-    if plan.runs and plan.evals:
-        lines += ["\n== export"] + [f"  {name}: train/{name} -> export/{name} (HF folder, {plan.config.export.rope_style})"
-                                    for name in plan.runs]
+    if "export" in plan.stages:
+        lines.append("\n== export")
+        if plan.config.export.searched_base:
+            lines.append("  base-longrope2: the base model with search/best.json, untrained -> export/base-longrope2")
+        if plan.evals:
+            lines += [f"  {name}: train/{name} -> export/{name} (HF folder, {plan.config.export.rope_style})"
+                      for name in plan.runs]
     if plan.evals:
         from longrope2.eval.run import plan as eval_plan
 

