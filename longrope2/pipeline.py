@@ -508,7 +508,8 @@ class Launcher:
         return env
 
     def _call(self, command: list[str], what: str, env: Optional[dict] = None) -> None:
-        print(f"[pipeline] $ {' '.join(command)}", flush=True)
+        if self.rank == 0:
+            print(f"[pipeline] $ {' '.join(command)}", flush=True)
         code = subprocess.call(command, cwd=ROOT, env=env or self._env())
         if code != 0:
             raise PipelineError(f"{what} failed (exit status {code}); its output is above")
@@ -599,20 +600,38 @@ def execute(plan: Plan, start: Optional[str] = None, only: Optional[str] = None)
         selected = stages[stages.index(start):] if start else stages
     if launcher.rank == 0 and (start or only):
         remove_outputs(plan, [only] if only else selected)
-    if launcher.mode == "inplace":  # every rank sees the removal before it looks at markers
-        _barrier_on_files(plan.out / ".start", launcher.rank)
-    print(f"[pipeline] {plan.config.output_dir}: stages {' -> '.join(stages)} ({launcher.mode} launch)", flush=True)
+    if launcher.mode == "inplace":
+        _own_process_group()
+        _barrier_on_files(plan.out / ".start", launcher.rank)  # every rank sees the removals first
+    say = print if launcher.rank == 0 else (lambda *args, **kwargs: None)
+    say(f"[pipeline] {plan.config.output_dir}: stages {' -> '.join(stages)} ({launcher.mode} launch)", flush=True)
     for stage in selected:
         for unit in work[stage]:
             if unit.done():
-                print(f"[pipeline] {stage} ({unit.name}): done, skipped", flush=True)
+                say(f"[pipeline] {stage} ({unit.name}): done, skipped", flush=True)
                 continue
-            print(f"[pipeline] {stage} ({unit.name}): running", flush=True)
+            say(f"[pipeline] {stage} ({unit.name}): running", flush=True)
             started = time.time()
             run_unit(unit, launcher)
-            print(f"[pipeline] {stage} ({unit.name}): finished in {time.time() - started:.0f} s", flush=True)
+            say(f"[pipeline] {stage} ({unit.name}): finished in {time.time() - started:.0f} s", flush=True)
     if "eval" in selected:
-        print(f"[pipeline] report: {plan.out / 'eval' / 'report.md'}", flush=True)
+        say(f"[pipeline] report: {plan.out / 'eval' / 'report.md'}", flush=True)
+
+
+def _own_process_group() -> None:
+    """In-process mode: one default process group for the whole pipeline, so that every
+    distributed stage builds its megatron groups on it (initializing torch.distributed a second
+    time in the same torchrun job hangs on the rendezvous store's stale keys)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
 
 
 def _barrier_on_files(folder: Path, rank: int) -> None:

@@ -102,16 +102,18 @@ def test_dry_run_prints_every_stage(tmp_path):
 # --- end to end ------------------------------------------------------------------------------------
 
 
-def _pipeline(config: Path, *args: str, kill_when=None, timeout: float = 900) -> tuple[int, str]:
-    """Run the pipeline in its own session; ``kill_when()`` true -> SIGKILL it and every child."""
+def _pipeline(config: Path, *args: str, kill_when=None, timeout: float = 900, torchrun: bool = False) -> tuple[int, str]:
+    """Run the pipeline in its own session (``torchrun``: under torchrun with 2 ranks, the
+    in-process launch); ``kill_when()`` true -> SIGKILL it and every child."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    from tests.torchrun import free_port
+    from tests.torchrun import free_port, torchrun_command
 
     values = yaml.safe_load(config.read_text())
     values["master_port"] = free_port()
     config.write_text(yaml.safe_dump(values, sort_keys=False))
-    proc = subprocess.Popen([sys.executable, "-m", "longrope2.cli", "pipeline", "--config", str(config), *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    command = torchrun_command(2, str(ROOT / "launch" / "pipeline.py"), "--config", str(config), *args) if torchrun \
+        else [sys.executable, "-m", "longrope2.cli", "pipeline", "--config", str(config), *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.time() + timeout
     try:
@@ -150,14 +152,16 @@ def _final(out: Path) -> dict:
 
 @pytest.mark.distributed
 def test_tiny_pipeline_resumes_after_kills_to_the_uninterrupted_result(tmp_path):
-    """Every stage on the tiny config; a second run is SIGKILLed right after the search stage
-    finished (between stages) and again inside the train stage (after step 3 of 4 of the first
-    arm, its step-2 checkpoint saved), and resumed each time: the exported weights of both arms
-    are bit-identical to the uninterrupted run's, and so are every eval metric and the searched
-    factors. A third invocation skips every stage."""
+    """Every stage on the tiny config. The reference runs uninterrupted with the pipeline itself
+    under torchrun (2 ranks; distributed stages in-process); a second run, launched the default
+    way (torchrun per stage), is SIGKILLed right after the search stage finished (between stages)
+    and again inside the train stage (after step 3 of 4 of the first arm, its step-2 checkpoint
+    saved), and resumed each time: the exported weights of both arms are bit-identical to the
+    reference's, and so are every eval metric and the searched factors. A further invocation
+    skips every stage."""
     (tmp_path / "a").mkdir()
     reference = _config(tmp_path / "a", name="a.yaml")
-    code, log = _pipeline(reference)
+    code, log = _pipeline(reference, torchrun=True)
     assert code == 0, log[-4000:]
     out_a = tmp_path / "a" / "out"
     assert (out_a / "eval" / "report.md").is_file() and (out_a / "eval" / "comparison.png").is_file()
