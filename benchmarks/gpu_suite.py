@@ -49,16 +49,20 @@ sys.path.insert(1, str(HERE.parent))  # the checkout, when the project is not in
 
 PROFILES = {
     # one H200 (139 GiB), ~8 minutes in all
-    "gpu": dict(matmul_n=8192, numerics_model="small_llama", numerics_seq=8192, numerics_dtypes=["bfloat16", "float32"],
-                angles_length=131072, train_model="tinyllama_1b", train_lengths=[16384, 32768], tokens_per_step=65536,
-                train_warmup=2, train_steps=4, train_dtype="bfloat16", doc_tokens=[512, 32768],
+    "gpu": dict(matmul_n=8192,
+                numerics_model="small_llama", numerics_init_std=0.04, numerics_seq=8192,
+                numerics_dtypes=["bfloat16", "float32"], angles_length=131072,
+                train_model="tinyllama_1b", train_lengths=[16384, 32768], tokens_per_step=65536, train_warmup=2,
+                train_steps=4, train_dtype="bfloat16", doc_tokens=[512, 32768],
                 rotary_model="tinyllama_1b", rotary_length=16384, rotary_steps=10, rotary_warmup=3,
                 scorer_model="smollm2_135m", scorer_lengths=[32768, 65536], scorer_documents=2, scorer_candidates=2,
                 scorer_dtypes=["bfloat16", "float32"], budget_s=450.0, peak_tflops=989.0),
     # the same code paths on the CPU in seconds (tests/test_gpu_suite.py)
-    "smoke": dict(matmul_n=256, numerics_model="tiny", numerics_seq=1024, numerics_dtypes=["bfloat16", "float32"],
-                  angles_length=131072, train_model="tiny", train_lengths=[512, 1024], tokens_per_step=2048,
-                  train_warmup=1, train_steps=2, train_dtype="float32", doc_tokens=[32, 2048],
+    "smoke": dict(matmul_n=256,
+                  numerics_model="tiny", numerics_init_std=0.1, numerics_seq=1024,
+                  numerics_dtypes=["bfloat16", "float32"], angles_length=131072,
+                  train_model="tiny", train_lengths=[512, 1024], tokens_per_step=2048, train_warmup=1,
+                  train_steps=2, train_dtype="float32", doc_tokens=[32, 2048],
                   rotary_model="tiny", rotary_length=512, rotary_steps=2, rotary_warmup=1,
                   scorer_model="tiny", scorer_lengths=[512, 1024], scorer_documents=2, scorer_candidates=2,
                   scorer_dtypes=["float32"], budget_s=300.0, peak_tflops=None),
@@ -298,6 +302,13 @@ def render_markdown(results: dict) -> str:
                          r["within_tolerance"], ", ".join(r.get("attention_ops", []))[:200] or r.get("attention_ops_error")])
         lines += _table(["dtype/case", "logits", "loss ours / ref", "loss rel", "grads", "grad cosine", "within",
                          "attention ops / kernels"], rows)
+        if num.get("sensitivity"):
+            sens = num["sensitivity"]
+            lines += ["", f"The check can fail: with the same weights, the packed documents run as one sequence move "
+                          f"the logits by {_f(sens['packed_as_one_sequence'])} and the long micro-batch with the "
+                          f"original RoPE by {_f(sens['long_with_the_original_rope'])} (relative L2, "
+                          f"{_f(num['sensitivity_over_bf16_tolerance'])}x the bf16 bound at least); init std "
+                          f"{num['model']['init_method_std']}."]
 
     ang = sections.get("rotary_angles", {})
     if "vs_fp64_max_rel" in ang:
