@@ -436,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         suite.write()
+        if not args.work:  # our own temporary folder (data, configs, reference tensors)
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
     statuses = [data["status"] for data in suite.results["sections"].values()]
     print(render_markdown(suite.results), flush=True)
     print(f"[suite] wrote {suite.out / 'gpu_suite.json'} and gpu_suite.md ({time.monotonic() - STARTED:.0f} s)",
