@@ -31,34 +31,50 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     from longrope2.model.config import ModelConfig
-    from longrope2.model.gpt import build_gpt_model
-    from longrope2.parallel import ParallelDims, default_device, destroy_parallel, initialize_parallel
-    from longrope2.rope import RopeScaling
+    from longrope2.parallel import ParallelDims, destroy_parallel, initialize_parallel
 
     cfg = ModelConfig.from_name(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
-    window = cfg.original_max_position_embeddings
-    if args.seq_length <= window:
-        cfg = dataclasses.replace(cfg, original_max_position_embeddings=args.seq_length // 2)
-        window = args.seq_length // 2
     initialize_parallel(ParallelDims(world_size=1), seed=1234)
+    try:
+        results = compare(cfg, args.seq_length, args.steps, args.warmup)
+    finally:
+        destroy_parallel()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def compare(cfg, seq_length: int, steps: int, warmup: int) -> dict:
+    """Median forward + backward step time of the dual-cache rotary and megatron's stock one on
+    ``cfg`` (same weights), for a long and a packed micro-batch of ``seq_length`` tokens.
+    Needs megatron's process groups (``initialize_parallel``); bf16 on GPU, fp32 on CPU."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from longrope2.model.gpt import build_gpt_model
+    from longrope2.parallel import default_device
+    from longrope2.rope import RopeScaling
+
+    window = cfg.original_max_position_embeddings
+    if seq_length <= window:
+        cfg = dataclasses.replace(cfg, original_max_position_embeddings=seq_length // 2)
+        window = seq_length // 2
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    scaling = RopeScaling.from_method("yarn", cfg.rope_geometry, 2 * args.seq_length)
-    dual = build_gpt_model(cfg, rope_scaling=scaling, params_dtype=dtype, seq_length=args.seq_length)
-    stock = build_gpt_model(cfg, rope_scaling=scaling, params_dtype=dtype, seq_length=args.seq_length)
+    scaling = RopeScaling.from_method("yarn", cfg.rope_geometry, 2 * seq_length)
+    dual = build_gpt_model(cfg, rope_scaling=scaling, params_dtype=dtype, seq_length=seq_length)
+    stock = build_gpt_model(cfg, rope_scaling=scaling, params_dtype=dtype, seq_length=seq_length)
     stock.load_state_dict(dual.state_dict())
     stock.rotary_pos_emb = RotaryEmbedding(
         kv_channels=cfg.head_dim, rotary_percent=cfg.rotary_percent, rotary_interleaved=False,
         rotary_base=cfg.rope_theta, use_cpu_initialization=device.type != "cuda",
     ).to(device)
 
-    S = args.seq_length
+    S = seq_length
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.vocab_size, (1, S), generator=gen).to(device)
     labels = torch.randint(0, cfg.vocab_size, (1, S), generator=gen).to(device)
@@ -79,25 +95,21 @@ def main() -> int:
         return time.perf_counter() - start
 
     results = {"model": cfg.name, "layers": cfg.num_layers, "seq_length": S, "device": str(device),
-               "dtype": str(dtype), "steps": args.steps}
+               "dtype": str(dtype), "steps": steps}
     for name, params in (("long", None), ("short_packed", packed)):
         times = {"dual_cache": [], "stock": []}
-        for i in range(args.warmup + args.steps):
+        for i in range(warmup + steps):
             order = (("dual_cache", dual), ("stock", stock)) if i % 2 == 0 else (("stock", stock), ("dual_cache", dual))
             for label, model in order:
                 model.zero_grad(set_to_none=True)
                 t = step(model, params)
-                if i >= args.warmup:
+                if i >= warmup:
                     times[label].append(t)
         d, s = statistics.median(times["dual_cache"]), statistics.median(times["stock"])
         results[name] = {"dual_cache_s": d, "stock_s": s, "ratio": d / s, "overhead_pct": 100 * (d / s - 1)}
         print(f"{name:>13}: dual-cache {d * 1e3:8.2f} ms  stock {s * 1e3:8.2f} ms  ratio {d / s:.4f} "
               f"({100 * (d / s - 1):+.2f}%)  [{cfg.name}, {cfg.num_layers} layers, {S} tokens, {device}]", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
-    destroy_parallel()
-    return 0
+    return results
 
 
 if __name__ == "__main__":

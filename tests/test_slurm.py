@@ -116,7 +116,7 @@ def test_sbatch_midtrain_tiny_cpu_requeues_on_time_limit_and_resumes(slurm_env, 
 
 
 def _shell_scripts() -> list[Path]:
-    scripts = [p for d in ("scripts", "slurm", "docker", ".ci") for p in sorted((ROOT / d).glob("*"))
+    scripts = [p for d in ("scripts", "slurm", "docker", ".ci", "benchmarks") for p in sorted((ROOT / d).glob("*"))
                if p.is_file() and (p.suffix == ".sh" or p.read_text(errors="ignore").startswith("#!/usr/bin/env bash"))]
     return scripts
 
