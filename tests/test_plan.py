@@ -161,3 +161,17 @@ def test_launch_train_dry_run_builds_nothing():
     assert "memory per GPU" in proc.stdout and "-> fits" in proc.stdout
     assert "Transformer Engine" not in proc.stderr  # megatron-core was never imported (its import warns)
     assert time.monotonic() - start < 60
+
+
+def test_micro_batch_flops_count_each_packed_document_alone():
+    """LLaMA3-8B: a long 8k micro-batch is 8,192 x flops_per_token(8,192); the same 8k tokens as
+    four packed 2k documents cost less by exactly the attention they do not compute
+    (6 x layers x heads x head_dim x (8,192^2 - 4 x 2,048^2))."""
+    from longrope2.model.config import ModelConfig
+
+    cfg = ModelConfig.from_name("llama3_8b")
+    long = cfg.flops([8192])
+    packed = cfg.flops([2048] * 4)
+    assert long == 8192 * cfg.flops_per_token(8192)
+    attention = 6 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim
+    assert long - packed == pytest.approx(attention * (8192**2 - 4 * 2048**2))

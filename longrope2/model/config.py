@@ -153,6 +153,13 @@ class ModelConfig:
         attention = self.num_layers * self.num_attention_heads * self.head_dim * seq_len
         return 6.0 * (matmul_params + attention)
 
+    def flops(self, document_lengths) -> float:
+        """Training FLOPs of one micro-batch whose documents (attention segments) have these
+        lengths: ``sum(n * flops_per_token(n))``, so a packed micro-batch counts each document's
+        own causal attention, not the square of the whole sequence."""
+        return float(sum(int(n) * self.flops_per_token(int(n)) for n in document_lengths))
+
+
 def megatron_transformer_config_kwargs(model: ModelConfig) -> dict[str, Any]:
     """The architecture part of megatron's ``TransformerConfig`` for a LLaMA-style model.
 

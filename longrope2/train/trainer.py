@@ -268,10 +268,12 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         ok, grad_norm, _ = self.optimizer.step()
         # the global-batch mean loss lives on the last stage: sum over DP, then send it down the pipeline
-        total = torch.zeros(2, dtype=torch.float64, device="cuda" if self.on_gpu else "cpu")
+        total = torch.zeros(3, dtype=torch.float64, device="cuda" if self.on_gpu else "cpu")
         if self.ps.is_pipeline_last_stage():
             total[0] = sum(float(x["loss"]) for x in losses)
             total[1] = len(losses)
+            # FLOPs of this rank's micro-batches, each packed document counted with its own attention
+            total[2] = sum(self.model_cfg.flops(_document_lengths(b)) for b in batches)
         dist.all_reduce(total, group=self.ps.get_data_parallel_group())
         dist.all_reduce(total, group=self.ps.get_pipeline_model_parallel_group())  # zero on other stages
         if self.on_gpu:
@@ -292,8 +294,7 @@ class Trainer:
             "short_micro_batches": shorts,
         }
         if self.on_gpu:
-            flops = self.model_cfg.flops_per_token(self.config.seq_length) * tokens
-            metrics["mfu"] = flops / seconds / (dist.get_world_size() * self.config.peak_tflops * 1e12)
+            metrics["mfu"] = total[2].item() / seconds / (dist.get_world_size() * self.config.peak_tflops * 1e12)
         return metrics
 
     # --- the loop -------------------------------------------------------------------------------
@@ -485,6 +486,12 @@ class Trainer:
         if self._metrics is not None:
             self._metrics.close()
         destroy_parallel()
+
+
+def _document_lengths(batch) -> list[int]:
+    """The attention segments of a micro-batch: real document lengths of a packed one, else S."""
+    cu = batch.cu_seqlens_unpadded if batch.cu_seqlens_unpadded is not None else batch.cu_seqlens
+    return (cu[1:] - cu[:-1]).tolist()
 
 
 def train(config: TrainConfig) -> list[dict]:
