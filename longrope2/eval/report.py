@@ -174,7 +174,7 @@ def markdown(config, summary: dict, geometry, elapsed: float, complete: bool) ->
         lines += _table(f"RULER average over the {len(names)} tasks present (%): {', '.join(names)}",
                         summary["ruler_average"], "accuracy", ".2f", labels)
     for note in summary.get("skipped", []):
-        lines.append(f"- skipped: {note}")
+        lines.append(f"- {note}")
     if summary.get("skipped"):
         lines.append("")
     if "generation_throughput" in summary:

@@ -55,7 +55,17 @@ class EvalTokenizer:
     bos_text: str | None = None
 
 
-def eval_tokenizer(hf_tokenizer, config: EvalConfig, vocab_size: int) -> EvalTokenizer:
+def _stop_ids(hf_tokenizer, generation_config) -> list[int] | None:
+    """The tokenizer's EOS and the model's generation-config EOS ids (what ``generate`` stops at)."""
+    ids: list[int] = []
+    for value in (hf_tokenizer.eos_token_id, getattr(generation_config, "eos_token_id", None)):
+        for i in ([value] if isinstance(value, int) else value or []):
+            if i not in ids:
+                ids.append(int(i))
+    return ids or None
+
+
+def eval_tokenizer(hf_tokenizer, config: EvalConfig, vocab_size: int, generation_config=None) -> EvalTokenizer:
     from longrope2.data import tokenize
 
     if config.tokenizer == "hashed-words" or hf_tokenizer is None:
@@ -66,7 +76,7 @@ def eval_tokenizer(hf_tokenizer, config: EvalConfig, vocab_size: int) -> EvalTok
     wrapped = tokenize.from_hf(hf_tokenizer, config.model)
     pad = hf_tokenizer.pad_token_id if hf_tokenizer.pad_token_id is not None else hf_tokenizer.eos_token_id
     return EvalTokenizer(wrapped.encode, lambda ids: hf_tokenizer.decode(ids, skip_special_tokens=True),
-                         wrapped.bos_token_id, hf_tokenizer.eos_token_id, type(hf_tokenizer).__name__,
+                         wrapped.bos_token_id, _stop_ids(hf_tokenizer, generation_config), type(hf_tokenizer).__name__,
                          pad if pad is not None else 0, hf_tokenizer.bos_token)
 
 
@@ -247,12 +257,12 @@ class Evaluator:
         if self.config.ruler.data_dir:
             path = task_file(self.config.ruler.data_dir, task, length)
             if not path.is_file():
-                return 0, f"no RULER data file {path}"
+                return 0, f"skipped: no RULER data file {path}"
             have = len(self.ruler_records(task, length))
-            return min(wanted, have), (f"{path} holds {have} samples, fewer than the {wanted} asked"
+            return min(wanted, have), (f"{have} samples only ({path} holds no more than that)"
                                        if have < wanted else None)
         reason = self.ruler_generator.available(task)
-        return (0, reason) if reason else (wanted, None)
+        return (0, f"skipped: {reason}") if reason else (wanted, None)
 
     def ruler_sample(self, cell: Cell):
         if self.config.ruler.data_dir:
@@ -351,7 +361,7 @@ def run_eval(config: EvalConfig, model=None, hf_tokenizer=None, progress: bool =
         model, hf_tokenizer = load_model(config.model, config.dtype, config.attn_implementation,
                                          config.megatron_model)
         model.to(_device(config))
-    tokenizer = eval_tokenizer(hf_tokenizer, config, model.config.vocab_size)
+    tokenizer = eval_tokenizer(hf_tokenizer, config, model.config.vocab_size, getattr(model, "generation_config", None))
     meta = _meta(config, tokenizer)
     meta_path = out / "meta.json"
     if meta_path.exists():
