@@ -64,7 +64,7 @@ def test_report_written_and_resume_recomputes_nothing(assets, tmp_path, monkeypa
         assert (tmp_path / "out" / name).is_file(), name
     metrics = summary["metrics"]
     assert set(metrics) == {"needle_ppl", "book_ppl", "passkey", "needle", "niah_single_1", "vt", "short_ppl"}
-    assert summary["skipped"] == ["RULER qa_1 at 1024: qa_1 needs SQuAD v2 (dev-v2.0.json): set ruler.squad to its path"]
+    assert summary["skipped"] == ["RULER qa_1 at 1024: skipped: qa_1 needs SQuAD v2 (dev-v2.0.json): set ruler.squad to its path"]
     assert summary["ruler_average"]["yarn"]["1024"]["task_names"] == ["niah_single_1", "vt"]
     assert set(metrics["needle_ppl"]) == {"original", "yarn"}
     assert metrics["book_ppl"]["yarn"]["1024"]["tokens"] == 32
