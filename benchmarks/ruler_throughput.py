@@ -7,7 +7,7 @@ Both paths decode the same prompts (our ``niah_single_2``, original RoPE) for ex
 tokens are compared row by row.
 
     OMP_NUM_THREADS=1 python benchmarks/ruler_throughput.py --lengths 4096,16384 --samples 4,2 \\
-        --output results/ruler_throughput_cpu.json
+        --modes "single,padded,equal;single,equal" --output results/ruler_throughput_cpu.json
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ def main() -> int:
     parser.add_argument("--samples", default="4,2", help="prompts per length (= the batch size)")
     parser.add_argument("--task", default="niah_single_2")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--modes", default="single,padded,equal",
+                        help="single: one prompt per forward; padded: the prompts left-padded into one batch "
+                             "(masked attention); equal: the prompts cut to the shortest one's last tokens, one "
+                             "batch without a mask (what batching costs when lengths match); per length: a;b")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,23 +51,33 @@ def main() -> int:
     switch.apply(resolve_rope("original", switch.geometry, None))
     wrapped = tokenize.from_hf(hf_tokenizer, "smollm2")
     generator = RulerGenerator(lambda t: len(wrapped.encode(t)), [(b.title, b.text) for b in load_books()])
+    modes = [m.split(",") for m in args.modes.split(";")]
+    modes = modes * len(lengths) if len(modes) == 1 else modes
     rows = []
-    for length, n in zip(lengths, counts):
+    for length, n, wanted in zip(lengths, counts, modes):
         prompts = [to_sample(generator.record(args.task, length, i), args.task, length, i, wrapped.encode,
                              wrapped.bos_token_id).prompt for i in range(n)]
-        t0 = time.perf_counter()
-        single = [greedy_generate(model, torch.tensor(p), args.max_new_tokens).new_tokens for p in prompts]
-        single_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        batched = greedy_generate_batch(model, prompts, args.max_new_tokens, pad_token_id=hf_tokenizer.eos_token_id)
-        batched_s = time.perf_counter() - t0
-        row = {"length": length, "samples": n, "prompt_tokens": [len(p) for p in prompts],
-               "one_per_forward_s": round(single_s, 1), "batched_s": round(batched_s, 1),
-               "one_per_forward_samples_per_s": round(n / single_s, 4), "batched_samples_per_s": round(n / batched_s, 4),
-               "speedup": round(single_s / batched_s, 3),
-               "same_tokens": [b.new_tokens == s for b, s in zip(batched, single)]}
+        shortest = min(len(p) for p in prompts)
+        row = {"length": length, "samples": n, "prompt_tokens": [len(p) for p in prompts]}
+        for mode in wanted:
+            batch = prompts if mode != "equal" else [p[-shortest:] for p in prompts]
+            t0 = time.perf_counter()
+            if mode == "single":
+                tokens = [greedy_generate(model, torch.tensor(p), args.max_new_tokens).new_tokens for p in batch]
+            else:
+                tokens = [g.new_tokens for g in greedy_generate_batch(model, batch, args.max_new_tokens,
+                                                                      pad_token_id=hf_tokenizer.eos_token_id)]
+            seconds = time.perf_counter() - t0
+            row[mode] = {"seconds": round(seconds, 1), "samples_per_s": round(n / seconds, 4)}
+            if mode == "single":
+                single_tokens = tokens
+            elif mode == "padded" and "single" in wanted:
+                row[mode]["same_tokens_as_single"] = tokens == single_tokens
+            print(json.dumps({"length": length, "mode": mode, **row[mode]}), flush=True)
+        for mode in ("padded", "equal"):
+            if mode in row and "single" in row:
+                row[mode]["speedup_vs_single"] = round(row["single"]["seconds"] / row[mode]["seconds"], 3)
         rows.append(row)
-        print(json.dumps(row), flush=True)
     result = {"device": f"CPU ({platform.processor() or platform.machine()}), torch threads 1",
               "torch": torch.__version__, "task": args.task, "max_new_tokens": args.max_new_tokens, "rows": rows}
     if args.output:

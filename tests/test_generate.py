@@ -125,3 +125,21 @@ def test_batched_generation_equals_one_prompt_at_a_time(rope):
         assert b.new_tokens == greedy_generate(model, torch.tensor(p), steps, eos_token_id=stop).new_tokens
     with pytest.raises(ValueError, match="non-empty"):
         greedy_generate_batch(model, [[]], 2, pad_token_id=0)
+
+
+def test_equal_length_batch_runs_unmasked_and_equals_one_at_a_time():
+    """Rows of one length go through the model without an attention mask (SDPA's causal kernel)
+    and still give each row its own greedy tokens."""
+    from longrope2.eval.generate import greedy_generate_batch
+
+    model = _model(LlamaForCausalLM, LlamaConfig, None)
+    prompts = [_prompt(20, seed=s)[0].tolist() for s in (30, 31, 32)]
+    masks = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")),
+                                                 with_kwargs=True)
+    try:
+        batched = greedy_generate_batch(model, prompts, 5, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert all(m is None for m in masks) and len(masks) == 5
+    assert [b.new_tokens for b in batched] == [greedy_generate(model, torch.tensor(p), 5).new_tokens for p in prompts]

@@ -146,6 +146,9 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, 
         if not rows:
             continue
         width = max(len(prompts[i]) for i in rows)
+        # rows of one length need no mask: SDPA then runs its causal kernel instead of
+        # materialising a [rows, heads, width, width] masked attention (CPU: the math path)
+        padded = any(len(prompts[i]) != width for i in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
         for r, i in enumerate(rows):
@@ -154,8 +157,8 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, 
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                    use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         next_ids = out.logits[:, -1].argmax(-1)
         prefill_s, decode_s = time.perf_counter() - t0, 0.0
         new = [[int(t)] for t in next_ids.tolist()]
@@ -166,7 +169,7 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, 
             t0 = time.perf_counter()
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
-            out = model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=last,
+            out = model(input_ids=next_ids[:, None], attention_mask=mask if padded else None, position_ids=last,
                         past_key_values=cache, use_cache=True, logits_to_keep=1)
             next_ids = out.logits[:, -1].argmax(-1)
             decode_s += time.perf_counter() - t0
