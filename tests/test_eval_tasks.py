@@ -5,7 +5,7 @@ import pytest
 
 from eval_fixtures import books, tokenizer
 from longrope2.data import tokenize
-from longrope2.eval.scoring import (bootstrap_interval, exact_match, interval, postprocess, score, string_match_all,
+from longrope2.eval.scoring import (average_interval, bootstrap_interval, exact_match, interval, postprocess, score, string_match_all,
                                     string_match_part, wilson_interval)
 from longrope2.eval.tasks import MAX_NEW_TOKENS, Corpus, TaskBuilder, assemble
 
@@ -97,5 +97,8 @@ def test_intervals():
     # two tasks: the interval of the mean of the task means
     lo, hi = bootstrap_interval([[1.0] * 10, [0.0] * 10])
     assert lo == hi == 0.5
+    assert average_interval([[1.0] * 10, [1.0] * 10]) == wilson_interval(20, 20)  # 100% is not certain
+    lo, hi = average_interval([[1.0, 0.5] * 5, [0.0] * 10])
+    assert lo < 0.375 < hi
     with pytest.raises(ValueError):
         wilson_interval(0, 0)

@@ -4,7 +4,8 @@
 Each accuracy cell carries its sample count and a 95% interval (Wilson for 0/1 scores, bootstrap
 for RULER's partial credit), so a cell of one or two samples reads as what it is. RULER's task
 scores are ``round(100 * mean, 2)`` as RULER rounds them; the RULER average is the mean over the
-tasks present (named in the report), its interval a bootstrap that resamples each task's samples.
+tasks present (named in the report), its interval Wilson on the pooled samples for 0/1 scores, else a
+bootstrap that resamples each task's samples.
 Every rope column states the transformers rope type it ran with.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Iterable
 
 from longrope2.eval.model import Rope
 from longrope2.eval.ruler import RULER_TASKS, task_score
-from longrope2.eval.scoring import bootstrap_interval, interval
+from longrope2.eval.scoring import average_interval, interval
 
 PPL_TASKS = ("needle_ppl", "book_ppl", "short_ppl")
 TASK_TITLES = {
@@ -81,7 +82,7 @@ def summarize(records: Iterable[dict], ropes: list[Rope]) -> dict[str, Any]:
         summary["ruler_average"] = {}
         for label, by_length in ruler_scores.items():
             for length, by_task in by_length.items():
-                lo, hi = bootstrap_interval(list(by_task.values()))
+                lo, hi = average_interval(list(by_task.values()))
                 summary["ruler_average"].setdefault(label, {})[length] = {
                     "accuracy": round(sum(task_score(v) for v in by_task.values()) / len(by_task), 2),
                     "tasks": len(by_task), "task_names": sorted(by_task, key=RULER_TASKS.index),

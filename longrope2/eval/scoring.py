@@ -88,6 +88,16 @@ def interval(scores: Sequence[float]) -> tuple[float, float]:
     return bootstrap_interval([scores])
 
 
+def average_interval(groups: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """95% interval of the mean of group means (RULER's average over tasks): Wilson on the pooled
+    samples when every score is 0 or 1 (a bootstrap has no width at 0% or 100%), else the
+    bootstrap that resamples each group on its own."""
+    if all(s in (0.0, 1.0) for g in groups for s in g):
+        n = sum(len(g) for g in groups)
+        return wilson_interval(sum(sum(g) / len(g) for g in groups) / len(groups) * n, n)
+    return bootstrap_interval(groups)
+
+
 def score(metric: str, prediction: str, references: Sequence[str]) -> float:
     try:
         return METRICS[metric](prediction, references)
