@@ -74,7 +74,7 @@ def test_report_written_and_resume_recomputes_nothing(assets, tmp_path, monkeypa
     assert summary["complete"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Needle-driven PPL" in report and "| yarn |" in report and "Skipped: lm_eval" in report
-    assert "`yarn` (yarn: yarn (factor 4))" in report and "skipped: RULER qa_1" in report
+    assert "`yarn` (yarn: yarn (factor 4))" in report and "RULER qa_1 at 1024: skipped:" in report
 
     calls.clear()
     again = eval_run.run_eval(config, progress=False)
