@@ -83,13 +83,19 @@ def test_rope_specs(tmp_path):
     switch = RopeSwitch(tiny_model())
     yarn = resolve_rope("yarn", switch.geometry, TARGET)
     params = yarn.fields["rope_parameters"]
-    assert params["rope_type"] == "longrope" and len(params["long_factor"]) == 8
-    assert params["attention_factor"] == pytest.approx(0.1 * math.log(TARGET / WINDOW) + 1)
+    assert params == {"rope_type": "yarn", "rope_theta": 10000.0, "factor": TARGET / WINDOW,
+                      "original_max_position_embeddings": WINDOW}
+    assert yarn.rope_type == "yarn (factor 4)"
+    assert resolve_rope("pi", switch.geometry, TARGET).rope_type == "linear (factor 4)"
+    assert resolve_rope("original", switch.geometry, None).rope_type == "default (rope_theta 10000)"
     assert yarn.fingerprint != resolve_rope("pi", switch.geometry, TARGET).fingerprint
     assert resolve_rope("mine=yarn", switch.geometry, TARGET).label == "mine"
+    from longrope2.rope import RopeScaling
+
+    longrope = RopeScaling.from_method("yarn", switch.geometry, TARGET).to_hf_config()
     rope_config = tmp_path / "rope_config.json"
-    rope_config.write_text(json.dumps(yarn.fields))
-    assert resolve_rope(str(rope_config), switch.geometry, None).fields == yarn.fields
+    rope_config.write_text(json.dumps(longrope))
+    assert resolve_rope(str(rope_config), switch.geometry, None).fields == longrope
     with pytest.raises(ValueError, match="needs target_length"):
         resolve_rope("pi", switch.geometry, None)
     with pytest.raises(ValueError, match="existing JSON file"):
@@ -98,3 +104,48 @@ def test_rope_specs(tmp_path):
     other.write_text(json.dumps({"target_length": TARGET, "original_length": 512, "long_factor": [1.0] * 8}))
     with pytest.raises(ValueError, match="original window"):
         resolve_rope(str(other), switch.geometry, TARGET)
+
+
+@pytest.mark.parametrize("spec", ["pi", "ntk", "yarn"])
+def test_baselines_are_themselves_below_the_window(spec):
+    """PI, NTK and YaRN change the RoPE at every length, also inside the original window: the
+    rebuilt rotary module's inverse frequencies are each method's own (transformers' linear and
+    yarn against rope/factors.py, NTK as the base change of rope/factors.ntk_factors), and the
+    logits of a prompt shorter than the window differ from the original RoPE's."""
+    from longrope2.rope import factors
+
+    model = tiny_model()
+    switch = RopeSwitch(model)
+    ids = torch.tensor([tokenize.from_hf(tokenizer()).encode(books()[2][1])[:WINDOW // 2]])
+    switch.apply(resolve_rope("original", switch.geometry, TARGET))
+    original = model(ids).logits
+    base_inv = model.model.rotary_emb.inv_freq.double().clone()
+    switch.apply(resolve_rope(spec, switch.geometry, TARGET))
+    rotary = model.model.rotary_emb
+    family = {"pi": factors.pi_factors, "ntk": factors.ntk_factors, "yarn": factors.yarn_factors}[spec]
+    expected = base_inv / family(16, 10000.0, WINDOW, TARGET)
+    torch.testing.assert_close(rotary.inv_freq.double(), expected, rtol=1e-5, atol=0)
+    assert rotary.attention_scaling == pytest.approx(0.1 * math.log(TARGET / WINDOW) + 1 if spec == "yarn" else 1.0)
+    assert (model(ids).logits - original).abs().max() > 1e-2
+
+
+def test_longrope_file_with_unit_short_factors_is_the_original_below_the_window(tmp_path):
+    """A ``longrope`` rope_config.json keeps its own switch: short factors 1 (attention factor 1)
+    give the original RoPE inside the window and its long factors beyond it."""
+    from longrope2.rope import RopeScaling
+
+    model = tiny_model()
+    switch = RopeSwitch(model)
+    path = tmp_path / "rope_config.json"
+    scaling = RopeScaling.from_method("yarn", switch.geometry, TARGET, attention_factor=1.0)
+    path.write_text(json.dumps(scaling.to_hf_config()))
+    rope = resolve_rope(str(path), switch.geometry, None)
+    assert rope.fields["rope_parameters"]["short_factor"] == [1.0] * 8
+    assert rope.rope_type == f"longrope (original window {WINDOW})"
+    text = tokenize.from_hf(tokenizer()).encode(books()[2][1])
+    short, long = torch.tensor([text[:WINDOW // 2]]), torch.tensor([text[:WINDOW * 2]])
+    switch.apply(resolve_rope("original", switch.geometry, TARGET))
+    original_short, original_long = model(short).logits, model(long).logits
+    switch.apply(rope)
+    torch.testing.assert_close(model(short).logits, original_short, rtol=0, atol=1e-5)
+    assert (model(long).logits - original_long).abs().max() > 1e-2

@@ -30,8 +30,8 @@ def _config(assets, out, **extra):
                   needle_ppl={"samples": 1}, book_ppl={"samples": 1, "last_tokens": 32},
                   passkey={"samples": 1, "max_new_tokens": 4},
                   needle={"samples": 1, "depths": [0.0, 1.0], "max_new_tokens": 4, "lengths": [512]},
-                  ruler={"samples": 1, "tasks": ["niah_single", "vt"], "lengths": [1024],
-                         "max_new_tokens": {"niah_single": 4, "vt": 4}},
+                  ruler={"samples": 1, "tasks": ["niah_single_1", "vt", "qa_1"], "lengths": [1024],
+                         "max_new_tokens": {"niah_single_1": 4, "vt": 4}},
                   short_context={"samples": 1, "lengths": [128, 256], "last_tokens": 32,
                                  "lm_eval_tasks": ["hellaswag"]})
     values.update(extra)
@@ -63,7 +63,9 @@ def test_report_written_and_resume_recomputes_nothing(assets, tmp_path, monkeypa
     for name in ("report.md", "summary.json", "results.jsonl", "meta.json", "scores.png", "needle_heatmap.png"):
         assert (tmp_path / "out" / name).is_file(), name
     metrics = summary["metrics"]
-    assert set(metrics) == {"needle_ppl", "book_ppl", "passkey", "needle", "niah_single", "vt", "short_ppl"}
+    assert set(metrics) == {"needle_ppl", "book_ppl", "passkey", "needle", "niah_single_1", "vt", "short_ppl"}
+    assert summary["skipped"] == ["RULER qa_1 at 1024: skipped: qa_1 needs SQuAD v2 (dev-v2.0.json): set ruler.squad to its path"]
+    assert summary["ruler_average"]["yarn"]["1024"]["task_names"] == ["niah_single_1", "vt"]
     assert set(metrics["needle_ppl"]) == {"original", "yarn"}
     assert metrics["book_ppl"]["yarn"]["1024"]["tokens"] == 32
     assert summary["needle_depths"]["yarn"]["512"].keys() == {"0", "1"}
@@ -72,6 +74,7 @@ def test_report_written_and_resume_recomputes_nothing(assets, tmp_path, monkeypa
     assert summary["complete"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Needle-driven PPL" in report and "| yarn |" in report and "Skipped: lm_eval" in report
+    assert "`yarn` (yarn: yarn (factor 4))" in report and "RULER qa_1 at 1024: skipped:" in report
 
     calls.clear()
     again = eval_run.run_eval(config, progress=False)
@@ -88,7 +91,7 @@ def test_config_is_strict_and_other_models_refused(assets, tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         _config(assets, tmp_path, passkeys={"samples": 1})
     with pytest.raises(ValueError, match="unknown tasks"):
-        _config(assets, tmp_path, ruler={"tasks": ["qa_1"]})
+        _config(assets, tmp_path, ruler={"tasks": ["qa_3"]})
     with pytest.raises(ValueError, match="depths"):
         _config(assets, tmp_path, needle={"samples": 1, "depths": [1.5]})
     (tmp_path / "meta.json").write_text(json.dumps({"model": "another"}))

@@ -100,3 +100,46 @@ def test_stops_at_eos_and_checks_its_input():
         greedy_generate(model, prompt, 4, stop_strings=["x"])
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, prompt, 0)
+
+
+@pytest.mark.parametrize("rope", [None, "longrope"])
+def test_batched_generation_equals_one_prompt_at_a_time(rope):
+    """Left-padded batches (prompts of different lengths; below, across and beyond the window
+    for a longrope model) give each row the tokens greedy_generate gives it alone."""
+    from longrope2.eval.generate import greedy_generate_batch
+
+    model = _model(LlamaForCausalLM, LlamaConfig, _longrope() if rope else None)
+    lengths = [9, 17, 12, WINDOW - 10, WINDOW - 3, WINDOW + 4, WINDOW + 9]
+    prompts = [_prompt(n, seed=10 + n)[0].tolist() for n in lengths]
+    steps = 6
+    batched = greedy_generate_batch(model, prompts, steps, pad_token_id=0)
+    single = [greedy_generate(model, torch.tensor(p), steps) for p in prompts]
+    assert [b.new_tokens for b in batched] == [s.new_tokens for s in single]
+    assert [b.switched_at for b in batched] == [s.switched_at for s in single]
+    if rope:  # WINDOW - 3 crosses the window: recomputed once, alone
+        assert batched[4].switched_at == WINDOW + 1
+    # early stops: a row ending at its eos keeps exactly its own tokens
+    stop = single[0].new_tokens[2]
+    batched = greedy_generate_batch(model, prompts[:3], steps, pad_token_id=0, eos_token_id=stop)
+    for b, p in zip(batched, prompts[:3]):
+        assert b.new_tokens == greedy_generate(model, torch.tensor(p), steps, eos_token_id=stop).new_tokens
+    with pytest.raises(ValueError, match="non-empty"):
+        greedy_generate_batch(model, [[]], 2, pad_token_id=0)
+
+
+def test_equal_length_batch_runs_unmasked_and_equals_one_at_a_time():
+    """Rows of one length go through the model without an attention mask (SDPA's causal kernel)
+    and still give each row its own greedy tokens."""
+    from longrope2.eval.generate import greedy_generate_batch
+
+    model = _model(LlamaForCausalLM, LlamaConfig, None)
+    prompts = [_prompt(20, seed=s)[0].tolist() for s in (30, 31, 32)]
+    masks = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, kw: masks.append(kw.get("attention_mask")),
+                                                 with_kwargs=True)
+    try:
+        batched = greedy_generate_batch(model, prompts, 5, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert all(m is None for m in masks) and len(masks) == 5
+    assert [b.new_tokens for b in batched] == [greedy_generate(model, torch.tensor(p), 5).new_tokens for p in prompts]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from longrope2 import configs
-from longrope2.eval.tasks import MAX_NEW_TOKENS, RULER_TASKS
+from longrope2.eval.ruler import RULER_TASKS
 
 
 def _check_lengths(lengths: list[int] | None, name: str) -> None:
@@ -65,22 +65,39 @@ class RetrievalTask:
 
 @dataclass(kw_only=True)
 class RulerTasks:
+    """RULER's 13 tasks (``eval/ruler.py``), read from RULER's own data or generated here."""
+
     samples: int = 0
-    """Samples per (task, length)."""
+    """Samples per (task, length): the first lines of each data file, or generated."""
     tasks: list[str] = field(default_factory=lambda: list(RULER_TASKS))
     lengths: list[int] | None = None
+    data_dir: str | None = None
+    """The folder RULER's ``prepare.py`` writes (``<task>/validation.jsonl``), for the model's own
+    tokenizer; ``{length}`` in it is replaced by each length (RULER's
+    ``benchmark_root/<model>/synthetic/<length>/data``). None = generate the tasks here."""
+    chat_template: bool = False
+    """Put each prompt in the tokenizer's chat template (one user turn; the answer prefix after the
+    assistant header), as RULER's model templates do. Generated data only: RULER's files carry the
+    template ``prepare.py --model_template_type`` gave them."""
+    squad: str | None = None
+    """SQuAD v2 dev JSON (RULER's ``json/squad.json``) for ``qa_1``; without it qa_1 is skipped."""
+    hotpotqa: str | None = None
+    """HotpotQA dev distractor JSON (RULER's ``json/hotpotqa.json``) for ``qa_2``."""
     max_new_tokens: dict[str, int] = field(default_factory=dict)
-    """Per task; default RULER's tokens_to_generate (niah 128, vt 30, cwe 120, fwe 50)."""
+    """Per task; default RULER's tokens_to_generate (niah 128, vt 30, cwe 120, fwe 50, qa 32)."""
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in RULER_TASKS]
         if unknown:
-            raise ValueError(f"ruler: unknown tasks {unknown}; known: {list(RULER_TASKS)}")
-        bad = [t for t in self.max_new_tokens if t not in MAX_NEW_TOKENS]
+            raise ValueError(f"ruler: unknown tasks {unknown}; RULER's tasks: {list(RULER_TASKS)}")
+        bad = [t for t in self.max_new_tokens if t not in RULER_TASKS]
         if bad:
             raise ValueError(f"ruler.max_new_tokens: unknown tasks {bad}")
         if self.samples < 0:
             raise ValueError("ruler.samples must be >= 0")
+        if self.chat_template and self.data_dir:
+            raise ValueError("ruler.chat_template applies to generated tasks; RULER's data files carry their own "
+                             "template (prepare.py --model_template_type)")
         _check_lengths(self.lengths, "ruler")
 
 
@@ -123,6 +140,10 @@ class EvalConfig:
     seed: int = 0
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
+    device: str = "auto"
+    """``auto``: this rank's GPU (``cuda:LOCAL_RANK``) when there is one, else the CPU."""
+    batch_size: int = 1
+    """Prompts of one task and length per forward in greedy decoding (left-padded)."""
     order: str = "length"
     """``length``: every task at the shortest length first; ``task``: needle PPL at every length,
     then passkey, book PPL, short context, needle, RULER (what a slow machine finishes first)."""
@@ -144,6 +165,8 @@ class EvalConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.order not in ("length", "task"):
             raise ValueError(f"order must be length or task, got {self.order!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.tokenizer not in (None, "hashed-words"):
             raise ValueError(f"tokenizer {self.tokenizer!r}: use null (the checkpoint's) or hashed-words")
 

@@ -109,3 +109,75 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int, *,
         new.append(next_id)
     return Generation(new_tokens=new, switched_at=switched_at, prefill_s=prefill_s, decode_s=decode_s,
                       recompute_s=recompute_s)
+
+
+@torch.no_grad()
+def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: int, *, pad_token_id: int,
+                          eos_token_id: int | Iterable[int] | None = None) -> list[Generation]:
+    """Greedy decoding of several prompts per forward: left-padded with an attention mask,
+    positions counted per row from its first real token, the LM head only at the last position.
+
+    Every row of one forward gets the same RoPE (HF picks ``longrope``'s factors by the largest
+    position in the batch), so rows are batched only when their whole generation stays on one
+    side of the original window; a row whose generation crosses it goes through
+    ``greedy_generate`` alone and keeps its single KV-cache recompute. Token-identical to
+    ``greedy_generate`` row by row (tests/test_generate.py).
+    """
+    from transformers import DynamicCache
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_generate_batch needs non-empty prompts")
+    window = longrope_window(model.config)
+    device = next(model.parameters()).device
+    results: list[Optional[Generation]] = [None] * len(prompts)
+    short, long = [], []
+    for i, prompt in enumerate(prompts):
+        if window is None or len(prompt) + max_new_tokens <= window:
+            short.append(i)
+        elif len(prompt) > window:
+            long.append(i)
+        else:  # crosses the window while generating
+            results[i] = greedy_generate(model, torch.tensor(prompt, device=device), max_new_tokens,
+                                         eos_token_id=eos_token_id)
+    stop_ids = _as_stop_ids(eos_token_id)
+    for rows in (short, long):
+        if not rows:
+            continue
+        width = max(len(prompts[i]) for i in rows)
+        # rows of one length need no mask: SDPA then runs its causal kernel instead of
+        # materialising a [rows, heads, width, width] masked attention (CPU: the math path)
+        padded = any(len(prompts[i]) != width for i in rows)
+        ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
+            mask[r, width - len(prompts[i]):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        next_ids = out.logits[:, -1].argmax(-1)
+        prefill_s, decode_s = time.perf_counter() - t0, 0.0
+        new = [[int(t)] for t in next_ids.tolist()]
+        done = [t[0] in stop_ids for t in new]
+        last, steps = positions[:, -1:], 1
+        while not all(done) and steps < max_new_tokens:
+            steps += 1
+            t0 = time.perf_counter()
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last = last + 1
+            out = model(input_ids=next_ids[:, None], attention_mask=mask if padded else None, position_ids=last,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1)
+            next_ids = out.logits[:, -1].argmax(-1)
+            decode_s += time.perf_counter() - t0
+            for r, t in enumerate(next_ids.tolist()):
+                if not done[r]:  # a finished row is carried along to the end; its tokens are dropped
+                    new[r].append(int(t))
+                    done[r] = int(t) in stop_ids
+        for r, i in enumerate(rows):
+            results[i] = Generation(new_tokens=new[r], switched_at=None, prefill_s=prefill_s / len(rows),
+                                    decode_s=decode_s / len(rows), recompute_s=0.0)
+    return results  # type: ignore[return-value]

@@ -1,20 +1,27 @@
 """The model under evaluation and the rope configs swapped onto it.
 
-One HF causal LM is loaded per eval (sdpa attention: eval is inference, and HF's ``longrope``
-contract is what users deploy). Every rope config is expressed as HF ``longrope`` parameters
-(``RopeScaling(...).to_hf_config()``), written into the model's config and made live by
-rebuilding the rotary-embedding modules from it; weights stay loaded. The result equals loading
-a fresh model with that config.json (tests/test_eval_ppl.py).
+One HF causal LM is loaded per eval (sdpa attention: eval is inference, and HF's rope types are
+what users deploy). Every rope config is a set of HF config fields, written into the model's
+config and made live by rebuilding the rotary-embedding modules from it; weights stay loaded.
+The result equals loading a fresh model with that config.json (tests/test_eval_ppl.py).
 
-Rope specs (``ropes`` in the eval config):
+Rope specs (``ropes`` in the eval config), each evaluated as what it is at every length:
 
 * ``checkpoint``: the rope the checkpoint was loaded with (e.g. an exported LongRoPE2 model);
-* ``original``: the pre-trained RoPE (unit factors, attention factor 1), the baseline;
-* ``pi``, ``ntk``, ``yarn``: the families of ``rope/factors.py`` for ``target_length``;
+* ``original``: the pre-trained RoPE (transformers ``default``), the baseline;
+* ``pi``: position interpolation, transformers ``linear`` with ``factor = s`` (s = target /
+  original window), at every length;
+* ``ntk``: the NTK-aware base change, transformers ``default`` with
+  ``rope_theta = base * s ** (d / (d - 2))`` (d = rotary dim; ``rope/factors.ntk_factors``'s
+  lambda_i = s ** (2i / (d - 2))) at every length. transformers' ``dynamic`` is not this: it
+  changes the base with the sequence length and keeps the original RoPE inside the window;
+* ``yarn``: transformers ``yarn`` (``factor = s``, beta_fast 32, beta_slow 1, attention factor
+  0.1 ln s + 1) at every length;
 * ``PATH`` or ``LABEL=PATH``: a JSON file -- a search ``best.json`` (``long_factor``,
   ``attention_factor``, ``target_length``), a ``rope_config.json`` / HF ``config.json``
-  (``rope_parameters`` or ``rope_scaling``), or a plain list of long factors. Label default:
-  ``longrope2`` for a search result, else the file stem.
+  (``rope_parameters`` or ``rope_scaling``), or a plain list of long factors, as HF
+  ``longrope`` (short factors inside the original window, long factors beyond it). Label
+  default: ``longrope2`` for a search result, else the file stem.
 """
 
 from __future__ import annotations
@@ -49,21 +56,53 @@ class Rope:
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
     @property
-    def long_factor(self) -> list[float] | None:
-        return None if self.fields is None else self.fields["rope_parameters"]["long_factor"]
+    def rope_type(self) -> str:
+        """The transformers rope type, with its defining parameters (for the report)."""
+        if self.fields is None:
+            return "as loaded"
+        rope = self.fields["rope_parameters"]
+        kind = rope["rope_type"]
+        if kind == "linear":
+            return f"linear (factor {rope['factor']:g})"
+        if kind == "yarn":
+            return f"yarn (factor {rope['factor']:g})"
+        if kind == "default":
+            return f"default (rope_theta {rope['rope_theta']:.6g})"
+        return f"{kind} (original window {rope['original_max_position_embeddings']})"
+
+
+def baseline_fields(method: str, geometry: RopeGeometry, target_length: int | None) -> dict[str, Any]:
+    """HF config fields of ``original``, ``pi``, ``ntk`` or ``yarn`` (module docstring)."""
+    base, orig = geometry.rope_theta, geometry.original_max_position_embeddings
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": base}
+    if geometry.rotary_percent != 1.0:
+        rope["partial_rotary_factor"] = geometry.rotary_percent
+    if method == "original":
+        return {"rope_parameters": rope}
+    if target_length is None:
+        raise ValueError(f"rope {method!r} needs target_length (the extended window)")
+    if target_length <= orig:
+        raise ValueError(f"rope {method!r}: target_length {target_length} must exceed the original window {orig}")
+    s = target_length / orig
+    if method == "pi":
+        rope.update(rope_type="linear", factor=s)
+    elif method == "ntk":
+        d = geometry.rotary_dim
+        rope["rope_theta"] = base * s ** (d / (d - 2))
+    elif method == "yarn":
+        rope.update(rope_type="yarn", factor=s, original_max_position_embeddings=orig)
+    else:
+        raise ValueError(f"unknown baseline {method!r}")
+    return {"rope_parameters": rope, "max_position_embeddings": target_length}
 
 
 def resolve_rope(spec: str, geometry: RopeGeometry, target_length: int | None) -> Rope:
-    """A rope spec (see the module docstring) as HF ``longrope`` config fields."""
+    """A rope spec (see the module docstring) as HF config fields."""
     label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
     if path == "checkpoint":
         return Rope(label or "checkpoint", None, spec)
     if path in ("original", *FAMILIES):
-        if target_length is None:
-            raise ValueError(f"rope {spec!r} needs target_length (the extended window)")
-        method = "base" if path == "original" else path
-        scaling = RopeScaling.from_method(method, geometry, target_length)
-        return Rope(label or path, scaling.to_hf_config(), spec)
+        return Rope(label or path, baseline_fields(path, geometry, target_length), spec)
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"rope {spec!r}: not checkpoint, original, {', '.join(FAMILIES)} or an existing JSON file")
@@ -78,22 +117,23 @@ class RopeSwitch:
 
     def __init__(self, model):
         self.model = model
-        self.saved = {k: copy.deepcopy(getattr(model.config, k, _MISSING)) for k in _ROPE_FIELDS}
+        # deepcopy would copy the sentinel too (a new object): copy only the values present
+        self.saved = {k: copy.deepcopy(v) if (v := getattr(model.config, k, _MISSING)) is not _MISSING else v
+                      for k in _ROPE_FIELDS}
         self.geometry = RopeGeometry.from_hf_config(model.config)
         self.current: Rope | None = None
 
     def apply(self, rope: Rope) -> None:
         config = self.model.config
-        if rope.fields is None:
-            for key, value in self.saved.items():
-                if value is _MISSING:
-                    if hasattr(config, key):
-                        delattr(config, key)
-                else:
-                    setattr(config, key, copy.deepcopy(value))
-        else:
-            for key, value in rope.fields.items():
+        # back to the checkpoint's fields first, so that no field of the previous rope lingers
+        for key, value in self.saved.items():
+            if value is _MISSING:
+                if hasattr(config, key):
+                    delattr(config, key)
+            else:
                 setattr(config, key, copy.deepcopy(value))
+        for key, value in (rope.fields or {}).items():
+            setattr(config, key, copy.deepcopy(value))
         rebuild_rotary(self.model)
         self.current = rope
 
