@@ -710,9 +710,11 @@ def dry_run_lines(plan: Plan, world: int, gpus_per_node: Optional[int], gpu_memo
 
         lines.append("\n== eval")
         for name, ev in plan.evals.items():
-            cells = sum(len(batch) for _, _, batch in eval_plan(ev))
-            lines.append(f"  {name}: {ev.model} under {', '.join(ev.ropes)} at {ev.lengths}: {cells} cells "
-                         f"-> {ev.output_dir}")
+            groups, skipped = eval_plan(ev)
+            cells = sum(len(batch) for _, _, batch in groups)
+            lines.append(f"  {name}: {ev.model} under {', '.join(ev.ropes)} at {ev.lengths}: {cells} samples x "
+                         f"{len(ev.ropes)} ropes -> {ev.output_dir}")
+            lines.extend(f"    skipped: {why}" for why in skipped)
         lines.append(f"  then {plan.out / 'eval' / 'report.md'} and comparison.png over all of them")
     return lines, fits
 
