@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -104,32 +103,35 @@ def test_dry_run_prints_every_stage(tmp_path):
 
 def _pipeline(config: Path, *args: str, kill_when=None, timeout: float = 900, torchrun: bool = False) -> tuple[int, str]:
     """Run the pipeline in its own session (``torchrun``: under torchrun with 2 ranks, the
-    in-process launch); ``kill_when()`` true -> SIGKILL it and every child."""
+    in-process launch); ``kill_when()`` true -> SIGKILL it and every descendant."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    from tests.torchrun import free_port, torchrun_command
+    from tests.torchrun import free_port, kill_tree, torchrun_command
 
     values = yaml.safe_load(config.read_text())
     values["master_port"] = free_port()
     config.write_text(yaml.safe_dump(values, sort_keys=False))
     command = torchrun_command(2, str(ROOT / "launch" / "pipeline.py"), "--config", str(config), *args) if torchrun \
         else [sys.executable, "-m", "longrope2.cli", "pipeline", "--config", str(config), *args]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = config.with_suffix(".log")  # a file, not a pipe: a full pipe would stall the pipeline
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     deadline = time.time() + timeout
     try:
         while proc.poll() is None:
             if kill_when is not None and kill_when():
-                os.killpg(proc.pid, signal.SIGKILL)
+                kill_tree(proc.pid)  # the pipeline, torchrun and its ranks (in their own sessions)
                 proc.wait()
-                return -9, proc.stdout.read()
+                return -9, log.read_text()
             if time.time() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise AssertionError(f"pipeline did not finish in {timeout} s:\n{proc.stdout.read()[-3000:]}")
-            time.sleep(0.2)
+                kill_tree(proc.pid)
+                raise AssertionError(f"pipeline did not finish in {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.02)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode, proc.stdout.read()
+            kill_tree(proc.pid)
+            proc.wait()
+    return proc.returncode, log.read_text()
 
 
 def _logged_steps(metrics: Path) -> int:
@@ -155,28 +157,36 @@ def test_tiny_pipeline_resumes_after_kills_to_the_uninterrupted_result(tmp_path)
     """Every stage on the tiny config. The reference runs uninterrupted with the pipeline itself
     under torchrun (2 ranks; distributed stages in-process); a second run, launched the default
     way (torchrun per stage), is SIGKILLed right after the search stage finished (between stages)
-    and again inside the train stage (after step 3 of 4 of the first arm, its step-2 checkpoint
-    saved), and resumed each time: the exported weights of both arms are bit-identical to the
+    and again inside the train stage (once the first arm has logged step 3 of 12, its step-2
+    checkpoint saved; a tiny step takes ~0.2 s, so 12 steps leave room for the kill to land inside
+    the arm), and resumed each time: the exported weights of both arms are bit-identical to the
     reference's, and so are every eval metric and the searched factors. A further invocation
     skips every stage."""
+    steps = 12
+
+    def longer_arms(values):
+        values["train"]["train_steps"] = steps
+
     (tmp_path / "a").mkdir()
-    reference = _config(tmp_path / "a", name="a.yaml")
+    reference = _config(tmp_path / "a", longer_arms, name="a.yaml")
     code, log = _pipeline(reference, torchrun=True)
     assert code == 0, log[-4000:]
     out_a = tmp_path / "a" / "out"
     assert (out_a / "eval" / "report.md").is_file() and (out_a / "eval" / "comparison.png").is_file()
 
     (tmp_path / "b").mkdir()
-    resumed = _config(tmp_path / "b", name="b.yaml")
+    resumed = _config(tmp_path / "b", longer_arms, name="b.yaml")
     out_b = tmp_path / "b" / "out"
     code, log = _pipeline(resumed, kill_when=lambda: (out_b / "search" / ".done").is_file())
     assert code == -9 and not (out_b / "train" / "mixed" / "metrics.jsonl").exists(), log[-3000:]
     code, log = _pipeline(resumed, kill_when=lambda: _logged_steps(out_b / "train" / "mixed" / "metrics.jsonl") >= 3)
-    assert code == -9, log[-3000:]
+    killed_at = _logged_steps(out_b / "train" / "mixed" / "metrics.jsonl")
+    assert code == -9 and 3 <= killed_at < steps, (killed_at, log[-3000:])
     assert "search (best): done, skipped" in log and "pretrain (train): done, skipped" in log
     code, log = _pipeline(resumed)
     assert code == 0, log[-4000:]
-    assert re.search(r"\[ckpt\] resumed from \S+ at step [23]", log), log[-4000:]  # resumed, not restarted
+    resumed_at = re.search(r"\[ckpt\] resumed from \S+ at step (\d+)", log)
+    assert resumed_at and 2 <= int(resumed_at.group(1)) <= killed_at, log[-4000:]  # resumed, not restarted
     assert _final(out_b) == _final(out_a)
 
     code, log = _pipeline(resumed)

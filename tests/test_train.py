@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from torchrun import run_torchrun, torchrun_command, torchrun_env
+from torchrun import descendants, run_torchrun, torchrun_command, torchrun_env
 
 pytestmark = pytest.mark.distributed
 
@@ -60,23 +60,6 @@ def metrics(out: Path) -> dict[int, dict]:
     """step -> metrics; the last record of a step wins (a resumed run re-logs its steps)."""
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return {m["step"]: m for m in map(json.loads, lines)}
-
-
-def descendants(pid: int) -> list[int]:
-    """Child processes, recursively (torchrun starts its workers in their own sessions)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def signal_run_at_step(config_path: str, out: Path, step: int, sig: int) -> str:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -71,3 +72,30 @@ def checked(results: dict, name: str) -> list:
             pytest.fail(f"check {name!r} raised on rank {rank}:\n{entry['error']}")
         found.append(entry["result"])
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (torchrun starts its workers in their own sessions)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants at once, as a node failure would (a kill of the
+    process group misses torchrun's workers: they run in their own sessions)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
