@@ -118,7 +118,7 @@ wait_idle() {
   export SLURM_CONF="$CONF"
   local state=""
   for _ in $(seq 1 60); do
-    state=$(sinfo -h -o %T 2>/dev/null | head -n1 || true)
+    state=$(sinfo -h -o %T 2>/dev/null | awk 'NR == 1' || true)  # awk reads all: no SIGPIPE
     case "$state" in
       idle | mixed | allocated) echo "local_slurm: node $state (SLURM_CONF=$CONF)" >&2; return 0 ;;
       down* | drain* | fail*) scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true ;;

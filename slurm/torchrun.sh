@@ -26,7 +26,9 @@ cd "$ROOT"
 DEVICE=${DEVICE:-gpu}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 MASTER_PORT=${MASTER_PORT:-29500}
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# the whole list is read (no `| head -n 1`: under pipefail scontrol can die of SIGPIPE, exit 141)
+mapfile -t job_hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${job_hosts[0]:?scontrol show hostnames gave no host for $SLURM_JOB_NODELIST}
 NNODES=${SLURM_NNODES:-1}
 if [ "$DEVICE" = cpu ]; then
   export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
