@@ -188,3 +188,14 @@ def test_bf16_build_casts_every_parameter(single_process):
     losses[1].backward()
     assert abs(losses[0].item() - losses[1].item()) < 0.05
     assert all(torch.isfinite(p.grad).all() for p in bf16.parameters())
+
+
+def test_the_no_transformer_engine_notice_prints_once_per_process(capsys):
+    """What build_gpt_model prints on a GPU without TransformerEngine: one line, however many
+    models a process builds (the search builds one per worker, eval one per rope)."""
+    from longrope2.model import gpt
+
+    gpt._say_once_which_attention_runs.cache_clear()
+    for _ in range(3):
+        gpt._say_once_which_attention_runs()
+    assert capsys.readouterr().out.count("attention runs torch SDPA") == 1

@@ -9,6 +9,7 @@ sizes are read from megatron's ``parallel_state`` (``longrope2.parallel.initiali
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Optional
 
 import torch
@@ -39,6 +40,14 @@ def transformer_engine_available() -> bool:
     except (ImportError, OSError):
         return False
     return True
+
+
+@functools.cache
+def _say_once_which_attention_runs() -> None:
+    """On a GPU without TransformerEngine the layers silently become the local spec; say so once."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print("[model] TransformerEngine is not importable: attention runs torch SDPA per document "
+              "(longrope2.model.attention.SDPAttention), norms and linears are torch's", flush=True)
 
 
 class TorchNorm:
@@ -99,6 +108,8 @@ def build_gpt_model(
     ).validate(model_cfg)  # clear errors before megatron's asserts
     on_gpu = torch.cuda.is_available()
     use_te = transformer_engine_available()
+    if on_gpu and not use_te:
+        _say_once_which_attention_runs()
     fused = use_te  # megatron's fused kernels need TE/apex CUDA extensions
     config = TransformerConfig(
         **megatron_transformer_config_kwargs(model_cfg),
