@@ -144,7 +144,8 @@ def main(run_dir: str, out_dir: str) -> int:
             lo_ = cell(long_only, "book_ppl", "checkpoint", n)
             dm, dl = abs(math.log(ppl(m) / ppl(b))), abs(math.log(ppl(lo_) / ppl(b)))
             diff = boot_log_ratio(lo_, m, rng)
-            claim1.append(dm < dl)
+            # direction, and whether the 95% interval of the log ratio excludes 0 in that direction
+            claim1.append((dm < dl, diff[1] > 0))
             lines.append(f"- (i) seed {seed or '-'}, {n} tokens: base {ppl(b):.2f}, mixed {ppl(m):.2f} "
                          f"({100 * (ppl(m) / ppl(b) - 1):+.1f}%), long-only {ppl(lo_):.2f} "
                          f"({100 * (ppl(lo_) / ppl(b) - 1):+.1f}%); ln(long-only / mixed) = {diff[0]:+.3f} "
@@ -158,7 +159,7 @@ def main(run_dir: str, out_dir: str) -> int:
         for task in ("book_ppl", "needle_ppl"):
             a, b = cell(ours, task, "checkpoint", target), cell(yarn, task, "checkpoint", target)
             diff = boot_log_ratio(b, a, rng)
-            claim2.append(ppl(a) < ppl(b))
+            claim2.append((ppl(a) < ppl(b), diff[1] > 0))
             lines.append(f"- (ii) seed {seed or '-'}, {task} at {target}: LongRoPE2 {ppl(a):.3f}, YaRN {ppl(b):.3f}; "
                          f"ln(YaRN / LongRoPE2) = {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}] -> "
                          f"{'LongRoPE2 better' if ppl(a) < ppl(b) else 'LongRoPE2 not better'}")
@@ -166,11 +167,10 @@ def main(run_dir: str, out_dir: str) -> int:
     def verdict(results):
         if not results:
             return "not measured"
-        if all(results):
-            return f"holds ({len(results)}/{len(results)} comparisons)"
-        if any(results):
-            return f"mixed ({sum(results)}/{len(results)} comparisons)"
-        return f"does not hold (0/{len(results)} comparisons)"
+        n, direction, significant = len(results), sum(d for d, _ in results), sum(s for _, s in results)
+        word = "holds" if direction == n else "does not hold" if direction == 0 else "mixed"
+        return (f"{word} in direction ({direction}/{n} comparisons); the 95% bootstrap interval excludes "
+                f"no difference in {significant}/{n}")
 
     verdicts = {"mixed_keeps_short_ppl": verdict(claim1), "longrope2_beats_yarn_at_target": verdict(claim2)}
     lines += ["", f"**(i) mixed context window keeps the short-window PPL closer to the base than long-only: "
