@@ -80,10 +80,17 @@ def rlib(deb_root) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_books(request) -> list[Book]:
+def books_cache(request) -> Path:
+    """One books folder for the session (pytest's cache, or one temporary folder when the
+    cache plugin is off), so a second load can find the first one's files."""
     import os
 
-    cache = os.environ.get("LONGROPE2_BOOKS_DIR") or _cache_dir(request, "longrope2_books")
+    return Path(os.environ.get("LONGROPE2_BOOKS_DIR") or _cache_dir(request, "longrope2_books"))
+
+
+@pytest.fixture(scope="session")
+def real_books(books_cache) -> list[Book]:
+    cache = books_cache
     if books_mod._read_cache(Path(cache)) is None and shutil.which("apt-get") is None:
         pytest.skip("needs apt-get and dpkg-deb (Debian/Ubuntu) to fetch the books")
     try:
@@ -183,10 +190,9 @@ def test_books_real_content(real_books):
     assert by_title["Persuasion"].source.startswith("debian:r-cran-janeaustenr=")
 
 
-def test_books_second_load_uses_cache(real_books, request, monkeypatch):
-    import os
+def test_books_second_load_uses_cache(real_books, books_cache, monkeypatch):
+    cache = books_cache
 
-    cache = os.environ.get("LONGROPE2_BOOKS_DIR") or _cache_dir(request, "longrope2_books")
     def no_network(*a, **k):
         raise AssertionError("load_books fetched although the cache is complete")
 

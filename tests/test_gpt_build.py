@@ -154,7 +154,9 @@ def test_tiny_model_forward_backward(single_process):
 
 
 def test_rope_scaling_reaches_the_model(single_process):
-    """Long sequences use the rescaled frequencies and the attention factor, short ones not."""
+    """Sequences past the original window use the rescaled frequencies, those within it the
+    original ones; the attention factor is one model-wide cos/sin scale (as in transformers),
+    so it applies to both."""
     from longrope2.model.gpt import build_gpt_model
 
     scaling = _scaling(TINY)

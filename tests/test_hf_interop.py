@@ -193,3 +193,31 @@ def test_factors_from_every_file_format(tmp_path):
         RopeScaling.from_file(tmp_path / "other.json", geometry)
     with pytest.raises(FileNotFoundError, match="not found"):
         RopeScaling.from_file(tmp_path / "missing.json", geometry)
+
+
+@pytest.mark.parametrize("style", ["rope_parameters", "rope_scaling"])
+def test_exported_config_loads_without_transformers_warnings(style):
+    """``to_hf_config`` writes ``factor`` (target / original): transformers builds the config and
+    its longrope frequencies without a warning; the same config without ``factor`` does warn
+    (so the capture is live)."""
+    import logging
+
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    scaling = _scaling()
+    assert scaling.to_hf_config(style)[style]["factor"] == TARGET / ORIGINAL
+
+    def warnings_of(drop_factor: bool) -> str:
+        logging.Logger.warning_once.cache_clear()  # transformers says each warning once per process
+        fields = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                      num_hidden_layers=1, intermediate_size=32, vocab_size=64, **scaling.to_hf_config(style))
+        if drop_factor:
+            del fields[style]["factor"]
+        with CaptureLogger(hf_logging.get_logger("transformers")) as captured:
+            config = LlamaConfig(**fields)
+            ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=TARGET)
+        return captured.out
+
+    assert warnings_of(drop_factor=False) == ""
+    assert "factor" in warnings_of(drop_factor=True)

@@ -177,6 +177,9 @@ def test_short_micro_batch_documents_cannot_see_each_other(model):
 
 
 def test_short_uses_original_rope_and_long_the_rescaled(model):
+    """The angles megatron receives: the original set for a packed short micro-batch, the
+    rescaled one for a long one; swapping the factor sets moves only the long logits. (The
+    attention factor applies to both; ``test_model_vs_hf`` checks it against transformers.)"""
     model, scaling = model
     sampler = MixedWindowSampler(corpus(), SEQ, WINDOW, 0.5, seed=2)
     short = next(b for b in sampler.iterate() if b.is_short)

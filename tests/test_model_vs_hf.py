@@ -73,23 +73,48 @@ def test_logits_match_transformers_longrope(single_process, rotary_percent, arch
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"seq_len {seq_len}: {m}")
 
 
-def test_short_inputs_keep_the_original_rope(single_process):
-    """Same weights, rescaled vs original RoPE (attention factor 1 in both): identical logits up
-    to the window, different beyond it."""
+@pytest.mark.parametrize("rotary_percent, architecture", [(1.0, "LlamaForCausalLM"), (0.75, "Phi3ForCausalLM")])
+def test_packed_short_documents_match_transformers_with_the_attention_factor(single_process, rotary_percent,
+                                                                             architecture):
+    """Short documents packed into one THD micro-batch (as the mixed window trainer feeds them)
+    each give transformers' logits for that document alone: the original angles and the
+    attention factor (here sqrt(1 + ln 4 / ln 64) = 1.155, not 1) on cos and sin, as HF applies
+    it below the window too. With the factor wrongly left out, the logits would differ."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
     from longrope2.model.gpt import build_gpt_model
+    from longrope2.rope.rotary import set_attention_factor
 
-    cfg = _tiny(1.0, "LlamaForCausalLM")
-    scaling = dataclasses.replace(_scaling(cfg), attention_factor=1.0)
-    torch.manual_seed(1)
+    cfg = _tiny(rotary_percent, architecture)
+    scaling = _scaling(cfg)
+    assert scaling.resolved_attention_factor == pytest.approx((1 + 1 / 3) ** 0.5)  # ln 4 / ln 64 = 1/3
+    hf_fields = {**cfg.to_hf_config(), **scaling.to_hf_config(), "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None, "attn_implementation": "eager"}
+    hf_cls, config_cls = (Phi3ForCausalLM, Phi3Config) if architecture.startswith("Phi3") else (LlamaForCausalLM, LlamaConfig)
+    torch.manual_seed(2)
+    hf = hf_cls(config_cls(**hf_fields)).eval()
     model = build_gpt_model(cfg, rope_scaling=scaling).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (1, TARGET))
+    load_hf_into_megatron(model, hf.state_dict(), cfg)
 
-    def logits(length):
+    lengths = [ORIGINAL, 9, ORIGINAL // 2, 23]  # one at the window's edge: still the short set
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+    tokens = torch.randint(0, cfg.vocab_size, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+
+    def packed_logits():
         with torch.no_grad():
-            return model(tokens[:, :length], torch.arange(length)[None], attention_mask=None)
+            return model(tokens, positions, attention_mask=None, packed_seq_params=params)[0]
 
-    scaled = logits(ORIGINAL), logits(TARGET)
-    model.rotary_pos_emb.set_scaling(None)
-    plain = logits(ORIGINAL), logits(TARGET)
-    assert torch.equal(scaled[0], plain[0])
-    assert (scaled[1] - plain[1]).abs().max() > 1e-3
+    ours = packed_logits()
+    for start, n in zip(cu[:-1].tolist(), lengths):
+        with torch.no_grad():
+            theirs = hf(tokens[:, start:start + n]).logits[0]
+        torch.testing.assert_close(ours[start:start + n], theirs, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"document of {n} tokens: {m}")
+    set_attention_factor(model.config, 1.0)
+    try:
+        assert (packed_logits() - ours).abs().max() > 1e-3, "the attention factor reaches short documents"
+    finally:
+        set_attention_factor(model.config, scaling.resolved_attention_factor)

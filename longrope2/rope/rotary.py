@@ -51,10 +51,12 @@ class DualCacheRotaryEmbedding(nn.Module):
         self.original_max_position_embeddings = original_max_position_embeddings
         self.rotary_interleaved = rotary_interleaved
         self.cp_group = cp_group
-        ones = [1.0] * (self.dim // 2)
-        # non-persistent: factors live in the rope config, never in weight checkpoints
-        self.register_buffer("short_inv_freq", inv_freq_from_factors(self.dim, rotary_base, ones), persistent=False)
-        self.register_buffer("long_inv_freq", self.short_inv_freq.clone(), persistent=False)
+        # Plain fp32 attributes, not buffers (as megatron keeps ``inv_freq``): a model cast to
+        # bf16 (``Float16Module``) would otherwise round them, and positions built in their dtype,
+        # until only ~1.4k of 131k positions stay distinct. ``_apply`` follows device moves only.
+        # Never in weight checkpoints: factors live in the rope config.
+        self.short_inv_freq = inv_freq_from_factors(self.dim, rotary_base, [1.0] * (self.dim // 2)).float()
+        self.long_inv_freq = self.short_inv_freq.clone()
         self.scaling: Optional[RopeScaling] = None
         self._version = 0
         self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -81,11 +83,23 @@ class DualCacheRotaryEmbedding(nn.Module):
             short, long = scaling.short_inv_freq, scaling.long_inv_freq
         else:
             short = long = inv_freq_from_factors(self.dim, self.rotary_base, [1.0] * (self.dim // 2))
-        self.short_inv_freq.copy_(short)
-        self.long_inv_freq.copy_(long)
+        device = self.short_inv_freq.device
+        self.short_inv_freq = short.to(device=device, dtype=torch.float32)
+        self.long_inv_freq = long.to(device=device, dtype=torch.float32)
         self.scaling = scaling
         self._version += 1
         self._cache.clear()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``, ``.half()``: move the frequencies with the
+        module, never cast them (``fn`` on an empty fp32 probe says where it is going)."""
+        module = super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self.short_inv_freq.device)).device
+        if device != self.short_inv_freq.device:
+            self.short_inv_freq = self.short_inv_freq.to(device)
+            self.long_inv_freq = self.long_inv_freq.to(device)
+            self._cache.clear()
+        return module
 
     def uses_long_factors(self, max_seq_len: int, offset: int = 0) -> bool:
         return offset + max_seq_len > self.original_max_position_embeddings
@@ -94,7 +108,7 @@ class DualCacheRotaryEmbedding(nn.Module):
 
     def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> Tensor:
         inv_freq = self.long_inv_freq if self.uses_long_factors(max_seq_len, offset) else self.short_inv_freq
-        positions = torch.arange(max_seq_len, device=inv_freq.device, dtype=inv_freq.dtype) + offset
+        positions = torch.arange(max_seq_len, device=inv_freq.device, dtype=torch.float32) + offset
         return torch.outer(positions, inv_freq)
 
     def get_cos_sin(self, max_seq_len: int, offset: int = 0) -> tuple[Tensor, Tensor]:

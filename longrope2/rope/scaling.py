@@ -277,8 +277,8 @@ class RopeScaling:
         }
         if self.attention_factor is not None:
             rope["attention_factor"] = self.attention_factor
-        if self.factor is not None:
-            rope["factor"] = self.factor
+        # transformers warns when `factor` is absent (it then derives it from the two windows)
+        rope["factor"] = self.factor if self.factor is not None else self.scale
         # Top level too: transformers prefers a top-level value over the one in the rope dict,
         # and Phi3Config defaults it to 4096, which would silently override ours.
         fields: dict[str, Any] = {
