@@ -8,12 +8,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
 
+import yaml
+
 from longrope2.rope.scaling import RopeGeometry
 from longrope2.train.plan import add_dry_run_args
+
+
+# What a user's input can raise (configs, files, flags): one line and exit status 2, not a
+# traceback. LONGROPE2_TRACEBACK=1 shows the traceback instead, for a bug report.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+                PermissionError, yaml.YAMLError)
+
+
+def describe_input_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+class CLIParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def resolve_geometry(args: argparse.Namespace) -> tuple[str, RopeGeometry]:
@@ -21,11 +43,11 @@ def resolve_geometry(args: argparse.Namespace) -> tuple[str, RopeGeometry]:
     explicit = (args.head_dim, args.rope_base, args.original_length)
     if args.model is None:
         if None in explicit:
-            raise SystemExit("give a model (preset name, config.yaml, HF config.json or folder) or all of "
+            raise ValueError("give a model (preset name, config.yaml, HF config.json or folder) or all of "
                              "--head-dim, --rope-base and --original-length")
         return "custom", RopeGeometry(args.head_dim, args.rope_base, args.original_length, args.rotary_percent)
     if any(v is not None for v in explicit):
-        raise SystemExit("give either a model or --head-dim/--rope-base/--original-length, not both")
+        raise ValueError("give either a model or --head-dim/--rope-base/--original-length, not both")
     from longrope2.model.config import ModelConfig
 
     path = Path(args.model)
@@ -33,15 +55,16 @@ def resolve_geometry(args: argparse.Namespace) -> tuple[str, RopeGeometry]:
         path = path / "config.json"
     if path.suffix == ".json":
         if not path.is_file():
-            raise SystemExit(f"{path} not found")
-        return path.parent.name or path.stem, RopeGeometry.from_hf_config(json.loads(path.read_text()))
+            raise FileNotFoundError(f"{path} not found")
+        try:
+            hf_config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not JSON ({error})") from None
+        return path.parent.name or path.stem, RopeGeometry.from_hf_config(hf_config)
     if path.suffix in (".yaml", ".yml"):
         model = ModelConfig.from_yaml(path)
     else:
-        try:
-            model = ModelConfig.from_name(args.model)
-        except ValueError as error:
-            raise SystemExit(str(error)) from None
+        model = ModelConfig.from_name(args.model)
     return model.name, model.rope_geometry
 
 
@@ -78,14 +101,11 @@ def cmd_factors(args: argparse.Namespace) -> int:
     params = {}
     if args.method == "longrope2":
         if args.critical_dim is None or args.upper_factors is None:
-            raise SystemExit("--method longrope2 needs --critical-dim and --upper-factors (a JSON list or file)")
+            raise ValueError("--method longrope2 needs --critical-dim and --upper-factors (a JSON list or file)")
         params = {"critical_dim": args.critical_dim, "upper_factors": _json_list(args.upper_factors)}
     elif args.critical_dim is not None or args.upper_factors is not None:
-        raise SystemExit("--critical-dim/--upper-factors only apply to --method longrope2")
-    try:
-        scaling = RopeScaling.from_method(args.method, geometry, args.target_length, args.attention_factor, **params)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
+        raise ValueError("--critical-dim/--upper-factors only apply to --method longrope2")
+    scaling = RopeScaling.from_method(args.method, geometry, args.target_length, args.attention_factor, **params)
     if args.format == "hf":
         out = scaling.to_hf_config(args.style)
     else:
@@ -107,10 +127,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     if args.checkpoint:
         overrides["checkpoint"] = args.checkpoint
-    try:
-        config = SearchConfig.from_yaml(args.config, overrides)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+    config = SearchConfig.from_yaml(args.config, overrides)
     result = run_search(config, resume=args.resume)
     if result is not None:
         print(json.dumps({k: result[k] for k in ("critical_dim", "needle_ppl", "baselines_needle_ppl", "evaluations")}, indent=1))
@@ -122,14 +139,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
     """Tokenize corpora (default: the embedded books) into a megatron indexed dataset."""
     from longrope2.data.prepare import PrepareConfig, run_prepare
 
-    try:
-        config = PrepareConfig(output=args.output, tokenizer=args.tokenizer, inputs=list(args.inputs),
-                               train_tokenizer=args.train_tokenizer, min_doc_tokens=args.min_doc_tokens,
-                               max_doc_tokens=args.max_doc_tokens, needle_fraction=args.needle_fraction,
-                               text_field=args.text_field, seed=args.seed)
-        stats, vocab, name = run_prepare(config)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        raise SystemExit(f"error: {error}") from None
+    config = PrepareConfig(output=args.output, tokenizer=args.tokenizer, inputs=list(args.inputs),
+                           train_tokenizer=args.train_tokenizer, min_doc_tokens=args.min_doc_tokens,
+                           max_doc_tokens=args.max_doc_tokens, needle_fraction=args.needle_fraction,
+                           text_field=args.text_field, seed=args.seed)
+    stats, vocab, name = run_prepare(config)
     needles = f", {stats.needle_documents:,} needle documents" if config.needle_fraction else ""
     print(f"{stats.prefix}.bin/.idx: {stats.documents:,} documents, {stats.tokens:,} tokens "
           f"from {stats.sources} sources ({name}, vocab {vocab}){needles}")
@@ -167,28 +181,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.ropes:
         overrides["ropes"] = args.ropes.split(",")
     if args.lengths:
-        overrides["lengths"] = [int(n) for n in args.lengths.split(",")]
-    try:
-        config = EvalConfig.from_yaml(args.config, overrides)
-        summary = run_eval(config)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"error: {error}") from None
+        try:
+            overrides["lengths"] = [int(n) for n in args.lengths.split(",")]
+        except ValueError:
+            raise ValueError(f"--lengths must be comma-separated token counts (e.g. 4096,8192), got {args.lengths!r}") from None
+    config = EvalConfig.from_yaml(args.config, overrides)
+    summary = run_eval(config)
     print(f"report: {Path(config.output_dir) / 'report.md'} ({len(summary['metrics'])} metrics)", file=sys.stderr)
     return 0
 
 
 def _json_list(text: str) -> list[float]:
+    """--upper-factors: a JSON list, or a file holding one (or a search result with factors)."""
     path = Path(text)
-    raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--upper-factors {text!r} is neither a JSON list nor a JSON file of factors ({error})") from None
     if isinstance(raw, dict):  # a search result file
         raw = raw.get("upper_factors", raw.get("long_factor"))
-    if not isinstance(raw, list):
-        raise SystemExit(f"expected a JSON list of factors, got {type(raw).__name__}")
+    if not isinstance(raw, list) or not all(isinstance(x, (int, float)) for x in raw):
+        raise ValueError(f"--upper-factors {text!r}: expected a JSON list of factors (numbers)")
     return [float(x) for x in raw]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longrope2", description=__doc__.splitlines()[0])
+    parser = CLIParser(prog="longrope2", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     inspect = verbs.add_parser("inspect", help="RoPE periods, critical dims and each family's factors")
@@ -284,12 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `longrope2 ... | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["pipeline"]:  # its own parser (longrope2/pipeline.py), flags passed through
-        from longrope2.pipeline import main as pipeline_main
+    verb = argv[0] if argv else ""
+    try:
+        if verb == "pipeline":  # its own parser (longrope2/pipeline.py), flags passed through
+            from longrope2.pipeline import main as pipeline_main
 
-        return pipeline_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+            return pipeline_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except INPUT_ERRORS as error:
+        if os.environ.get("LONGROPE2_TRACEBACK"):
+            raise
+        print(f"longrope2 {verb}: error: {describe_input_error(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

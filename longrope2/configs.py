@@ -4,10 +4,12 @@ dataclass sections are built recursively, and ``__post_init__`` checks run as us
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
+import pydantic
 import yaml
 
 T = TypeVar("T")
@@ -30,10 +32,34 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str = "con
         hint = _section_type(hints.get(name))
         if hint is not None and isinstance(value, Mapping):
             values[name] = from_dict(hint, value, f"{source}.{name}")
+        elif hint is None and name in hints:
+            values[name] = _checked(value, hints[name], f"{source}.{name}")
     try:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{source}: {error}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any) -> pydantic.TypeAdapter | None:
+    try:
+        return pydantic.TypeAdapter(hint)
+    except pydantic.PydanticSchemaGenerationError:  # a type pydantic cannot express: __post_init__ checks it
+        return None
+
+
+def _checked(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as the field's annotated type (pydantic's lax rules: ``"3"`` or ``3.0`` for an
+    int, ``1`` for a float), or a ``ValueError`` naming the field, the value and the type."""
+    adapter = _adapter(hint)
+    if adapter is None:
+        return value
+    try:
+        return adapter.validate_python(value)
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        return_type = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        raise ValueError(f"{where}: {first['msg'].lower()}, got {value!r} (expected {return_type})") from None
 
 
 def _section_type(hint: Any) -> type | None:
@@ -53,11 +79,24 @@ def load_yaml(cls: type[T], path: str | Path, section: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} not found")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = parse_yaml(path) or {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got a YAML {type(values).__name__}")
     if section is not None and section in values:
         values = values[section]
     values.update(overrides or {})
     return from_dict(cls, values, source=str(path))
+
+
+def parse_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a syntax error is a ``ValueError`` naming the file and the line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -134,17 +134,10 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PipelineConfig":
-        import yaml
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"pipeline config {path} not found")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+        values = configs.parse_yaml(path) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of sections")
         if "import" in values:
@@ -169,12 +162,10 @@ def _section(value: Any, owned: tuple[str, ...], where: str) -> Optional[dict]:
         return value
     if not isinstance(value, str):
         raise ValueError(f"{where}: a mapping of the stage's fields or the path of its YAML, got {value!r}")
-    import yaml
-
     path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: {path} not found")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    loaded = configs.parse_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ValueError(f"{where}: {path} is not a mapping")
     return {k: v for k, v in loaded.items() if k not in owned}
@@ -794,11 +785,10 @@ def _plot_comparison(path: Path, merged: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
+    from longrope2.cli import INPUT_ERRORS, CLIParser, describe_input_error
     from longrope2.train.plan import add_dry_run_args, resolve_world_size
 
-    parser = argparse.ArgumentParser(prog="longrope2 pipeline", description=__doc__.splitlines()[0])
+    parser = CLIParser(prog="longrope2 pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="pipeline YAML (configs/pipeline/)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--from", dest="start", metavar="STAGE", choices=STAGES,
@@ -816,9 +806,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             print("\n".join(lines))
             return 0 if fits else 1
         execute(plan, start=args.start, only=args.only)
-    except (ValueError, FileNotFoundError, PipelineError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if not isinstance(error, PipelineError) else 1
+    except PipelineError as error:  # a stage failed: its own log says why
+        print(f"longrope2 pipeline: {error}", file=sys.stderr)
+        return 1
+    except INPUT_ERRORS as error:
+        print(f"longrope2 pipeline: error: {describe_input_error(error)}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -69,20 +69,3 @@ def test_factors_longrope2_from_searched_list(capsys):
                              "--critical-dim", "4", "--upper-factors", "[4, 4.5, 5, 8]", "--format", "json"])
     assert out["long_factor"][4:] == [4, 4.5, 5, 8]
     assert out["long_factor"][:4] == pytest.approx([4 ** (i / 4) for i in range(4)])
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["inspect", "--target-length", "4096"], "--head-dim"),
-        (["inspect", "no_such_model", "--target-length", "4096"], "no model preset 'no_such_model'"),
-        (["inspect", "tiny", "--head-dim", "64", "--target-length", "4096"], "not both"),
-        (["factors", "tiny", "--target-length", "1024", "--method", "longrope2"], "--critical-dim"),
-        (["factors", "tiny", "--target-length", "1024", "--method", "longrope2", "--critical-dim", "4",
-          "--upper-factors", "[4, 6, 5, 8]"], "non-decreasing"),
-        (["factors", "tiny", "--target-length", "128", "--method", "pi"], "shorter than the original window"),
-    ],
-)
-def test_clear_errors(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        main(argv)

@@ -83,7 +83,9 @@ def test_cli_reports_bad_yaml_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "longrope2.cli", "pipeline", "--config", str(bad)],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {bad}: not valid YAML (line 3)")
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith(f"longrope2 pipeline: error: {bad}: not valid YAML: ")
+    assert "at line 3" in done.stderr
     assert "Traceback" not in done.stderr
 
 

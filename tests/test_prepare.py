@@ -99,7 +99,8 @@ def test_cli_prepare_data_bad_input_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "longrope2.cli", "prepare-data", "--output", str(tmp_path / "d"),
                            "--tokenizer", str(tmp_path / "t"), "--train-tokenizer", "600", "--needle-fraction", "1.5",
                            "embedded:botchan"], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 1 and done.stderr.strip() == "error: needle_fraction must be in [0, 1], got 1.5"
+    assert done.returncode == 2
+    assert done.stderr.strip() == "longrope2 prepare-data: error: needle_fraction must be in [0, 1], got 1.5"
     assert not any(tmp_path.iterdir())
 
 

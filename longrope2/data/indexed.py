@@ -74,8 +74,10 @@ def tokenizer_from_spec(spec: str) -> tuple[TextTokenizer, int]:
     from longrope2.data import tokenize
 
     if spec.startswith("hashed-words:"):
-        vocab = int(spec.split(":", 1)[1])
-        return tokenize.hashed_words(vocab), vocab
+        vocab = spec.split(":", 1)[1]
+        if not vocab.isdigit() or int(vocab) < 2:
+            raise ValueError(f"tokenizer {spec!r}: hashed-words:VOCAB needs a vocabulary size >= 2 (e.g. hashed-words:512)")
+        return tokenize.hashed_words(int(vocab)), int(vocab)
     from transformers import AutoTokenizer
 
     if spec == "smollm2":
@@ -96,6 +98,24 @@ def tokenizer_from_spec(spec: str) -> tuple[TextTokenizer, int]:
 # --- sources --------------------------------------------------------------------------------
 
 
+SOURCE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+
+
+def check_sources(paths: Sequence[str | os.PathLike]) -> None:
+    """Every input exists and is readable by ``iter_texts``, before any tokenizing or writing."""
+    from longrope2.data.books import EMBEDDED, embedded_book, is_embedded_spec
+
+    for raw in paths:
+        if is_embedded_spec(raw):
+            embedded_book(raw[len(EMBEDDED):])
+            continue
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"input {raw}: no such file or folder")
+        if path.is_file() and path.suffix not in SOURCE_SUFFIXES:
+            raise ValueError(f"input {path}: unsupported file type (use {', '.join(SOURCE_SUFFIXES)})")
+
+
 def iter_texts(paths: Sequence[str | os.PathLike], text_field: str = "text") -> Iterator[tuple[str, str, bool]]:
     """``(source, text, is_book)`` for each record; books are cut into documents later."""
     from longrope2.data.books import EMBEDDED, embedded_book, is_embedded_spec
@@ -107,7 +127,7 @@ def iter_texts(paths: Sequence[str | os.PathLike], text_field: str = "text") -> 
             continue
         path = Path(raw).expanduser()
         if path.is_dir():
-            yield from iter_texts(sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl", ".json", ".parquet")),
+            yield from iter_texts(sorted(p for p in path.iterdir() if p.suffix in SOURCE_SUFFIXES),
                                   text_field)
             continue
         if path.suffix == ".txt":

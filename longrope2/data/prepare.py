@@ -74,9 +74,10 @@ def _texts(inputs: list[str], text_field: str):
 
 def run_prepare(config: PrepareConfig, progress: bool = True):
     """Train the tokenizer if asked (once), tokenize, write the dataset and its manifest."""
-    from longrope2.data.indexed import prepare_indexed, tokenizer_from_spec
+    from longrope2.data.indexed import check_sources, prepare_indexed, tokenizer_from_spec
     from longrope2.data.tokenize import train_sentencepiece
 
+    check_sources(config.inputs)
     if config.train_tokenizer is not None and not Path(config.tokenizer, "tokenizer_config.json").is_file():
         train_sentencepiece(_texts(config.inputs, config.text_field), config.train_tokenizer, config.tokenizer)
     tokenizer, vocab = tokenizer_from_spec(config.tokenizer)

@@ -96,16 +96,22 @@ def baseline_fields(method: str, geometry: RopeGeometry, target_length: int | No
     return {"rope_parameters": rope, "max_position_embeddings": target_length}
 
 
+def check_rope_spec(spec: str) -> tuple[str, str]:
+    """``(label, what)`` of a rope spec, or a ``ValueError``: before any model is loaded."""
+    label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    if path not in ("checkpoint", "original", *FAMILIES) and not Path(path).is_file():
+        raise ValueError(f"rope {spec!r}: not checkpoint, original, {', '.join(FAMILIES)} or an existing JSON file")
+    return label, path
+
+
 def resolve_rope(spec: str, geometry: RopeGeometry, target_length: int | None) -> Rope:
     """A rope spec (see the module docstring) as HF config fields."""
-    label, _, path = spec.partition("=") if "=" in spec else ("", "", spec)
+    label, path = check_rope_spec(spec)
     if path == "checkpoint":
         return Rope(label or "checkpoint", None, spec)
     if path in ("original", *FAMILIES):
         return Rope(label or path, baseline_fields(path, geometry, target_length), spec)
     file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"rope {spec!r}: not checkpoint, original, {', '.join(FAMILIES)} or an existing JSON file")
     scaling = RopeScaling.from_file(file, geometry, fallback_target_length=target_length)
     data = json.loads(file.read_text())
     searched = isinstance(data, dict) and "critical_dim" in data

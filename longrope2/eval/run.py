@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 from longrope2.eval.config import EvalConfig
-from longrope2.eval.model import Rope, RopeSwitch, load_model, resolve_rope
+from longrope2.eval.model import Rope, RopeSwitch, check_rope_spec, load_model, resolve_rope
 from longrope2.eval.report import PPL_TASKS, atomic_write, write_report
 from longrope2.eval.ruler import RULER_TASKS, ChatWrap, read_task_file, sample_score, task_file, to_sample
 from longrope2.eval.tasks import Corpus, TaskBuilder, sample_rng
@@ -355,12 +355,14 @@ def run_eval(config: EvalConfig, model=None, hf_tokenizer=None, progress: bool =
 
     ranks = Ranks.from_env()
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    for spec in config.ropes:  # a typo fails now, not after loading the model
+        check_rope_spec(spec)
     if model is None:
         model, hf_tokenizer = load_model(config.model, config.dtype, config.attn_implementation,
                                          config.megatron_model)
         model.to(_device(config))
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = eval_tokenizer(hf_tokenizer, config, model.config.vocab_size, getattr(model, "generation_config", None))
     meta = _meta(config, tokenizer)
     meta_path = out / "meta.json"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -219,6 +220,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
             break
     if not (path / "metadata.json").is_file():
         raise FileNotFoundError(f"{path} is not a megatron distributed checkpoint (no metadata.json)")
+    try:
+        json.loads((path / "metadata.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}/metadata.json is not valid JSON ({error}): a corrupt or partly written "
+                         "checkpoint") from None
     return path
 
 
@@ -499,6 +505,10 @@ def run_convert(args) -> int:
 
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.tp < 1 or args.pp < 1 or args.tp * args.pp != world:
+            raise ValueError(f"--tp {args.tp} x --pp {args.pp} needs {args.tp * args.pp} processes "
+                             f"(torchrun --nproc_per_node {max(args.tp * args.pp, 1)}); this run has {world}")
         if args.action == "import-hf":
             preset = resolve_model(args.model)[0] if args.model else None
             dims = ParallelDims(tp=args.tp, pp=args.pp, cp=1)
@@ -530,5 +540,5 @@ def run_convert(args) -> int:
                       if scaling else "original RoPE")
             print(f"{checkpoint} -> {args.output} (HF {cfg.hf_architecture}, {window})")
         return 0
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as error:
-        raise SystemExit(f"error: {error}") from None
+    except KeyError as error:  # a tensor or config key the other side lacks: input, not a bug
+        raise ValueError(str(error.args[0]) if error.args else repr(error)) from None

@@ -40,6 +40,19 @@ class RopeGeometry:
     original_max_position_embeddings: int
     rotary_percent: float = 1.0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 1):
+            raise ValueError(f"rope_theta (the RoPE base) must be a finite number > 1, got {self.rope_theta:g}")
+        if not isinstance(self.original_max_position_embeddings, int) or self.original_max_position_embeddings <= 0:
+            raise ValueError("the original window (original_max_position_embeddings) must be a positive number of "
+                             f"tokens, got {self.original_max_position_embeddings}")
+        if not 0 < self.rotary_percent <= 1:
+            raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent:g}")
+        if self.rotary_dim < 2:
+            raise ValueError(f"rotary_percent {self.rotary_percent:g} of head_dim {self.head_dim} rotates no channel pair")
+
     @property
     def rotary_dim(self) -> int:
         return _rotary_dim(self.head_dim, self.rotary_percent)

@@ -198,7 +198,6 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
             if resume and not state_path.exists():  # stopped inside its first generation
                 print(f"[search] --resume: no {state_path} yet; starting from the first generation, "
                       "reusing the scores already logged", flush=True)
-            out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
         model, model_cfg, tokenizer = load_model_and_tokenizer(config)
@@ -211,6 +210,8 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
                                 target_length=config.target_length,
                                 min_critical_dim=config.min_critical_dim or d10,
                                 max_critical_dim=config.max_critical_dim or tcd, grid=config.grid)
+        if rank == 0:  # only once the model, the layout and the search space are known good
+            out_dir.mkdir(parents=True, exist_ok=True)
         if config.needle.books is None:  # rank 0 fetches the embedded books once; the rest read the cache
             if rank == 0:
                 from longrope2.data.books import load_books
