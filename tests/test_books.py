@@ -1,4 +1,4 @@
-"""R data reader (longrope2.data.rdata) and the real book corpora (longrope2.data.books).
+"""R lazy-load databases (longrope2.data.r_lazyload, on PyPI's rdata) and the real book corpora (longrope2.data.books).
 
 Real-file tests download two Debian packages (~2.3 MB, apt-get) and the sentencepiece sdist
 (~3.8 MB, pip) once into pytest's cache (``.pytest_cache``) or ``$LONGROPE2_BOOKS_DIR``; they
@@ -27,18 +27,7 @@ from longrope2.data.books import (
     strip_gutenberg,
     unwrap_lines,
 )
-from longrope2.data.rdata import (
-    LazyLoadDB,
-    RDataError,
-    RPersistentRef,
-    RSymbol,
-    RVector,
-    as_data_frame,
-    decompress_record,
-    is_data_frame,
-    read_rds,
-    unserialize,
-)
+from longrope2.data.r_lazyload import LazyLoadDB, decompress_record
 
 AUSTEN_NAMES = [
     "emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice",
@@ -100,7 +89,7 @@ def real_books(books_cache) -> list[Book]:
 
 
 # ==========================================================================================
-# rdata on the real Debian files
+# the lazy-load databases of the real Debian files (PyPI's rdata reads each record)
 # ==========================================================================================
 def test_real_lazyload_index(rlib):
     db = LazyLoadDB(rlib / "janeaustenr" / "data")
@@ -115,7 +104,6 @@ def test_real_lazyload_index(rlib):
 
 def test_real_emma_lines(rlib):
     emma = LazyLoadDB(rlib / "janeaustenr" / "data")["emma"]
-    assert isinstance(emma, RVector) and emma.rtype == "character"
     assert len(emma) == 16235 and all(isinstance(x, str) for x in emma)
     nonempty = [x for x in emma if x]
     assert nonempty[:4] == ["EMMA", "By Jane Austen", "VOLUME I", "CHAPTER I"]
@@ -130,39 +118,39 @@ def test_real_austen_novels(rlib):
     assert any(line.startswith("It is a truth universally acknowledged") for line in pp)
     for name in AUSTEN_NAMES:
         lines = data[name]
-        assert lines.rtype == "character" and len(lines) > 7000
-        assert sum(map(len, lines)) > 400_000
+        assert len(lines) > 7000 and sum(map(len, lines)) > 400_000
 
 
 def test_real_mobydick(rlib):
     md = LazyLoadDB(rlib / "tokenizers" / "data")["mobydick"]
-    assert md.rtype == "character" and len(md) == 1
-    assert md.attributes["names"] == ["mobydick"]  # a named character vector
+    assert len(md) == 1
     assert "Call me Ishmael." in md[0] and len(md[0]) > 1_200_000
 
 
-def test_real_data_frame_rds(rlib):
-    """Meta/Rd.rds of an installed package is a real data frame (list columns included)."""
-    rd = read_rds(rlib / "janeaustenr" / "Meta" / "Rd.rds")
-    assert is_data_frame(rd)
-    assert rd.attributes["row.names"] == [None, -8]  # compact row names c(NA, -8L)
-    df = as_data_frame(rd)
-    assert list(df)[:4] == ["File", "Name", "Type", "Title"]
-    assert "emma" in df["Name"] and "austen_books" in df["Name"]
-    assert all(len(col) == 8 for col in df.values())
-    assert df["Aliases"][df["Name"].index("emma")] == ["emma"]
-    matrix = read_rds(rlib / "tokenizers" / "Meta" / "data.rds")
-    assert matrix.attributes["dim"] == [1, 2]
-    assert list(matrix) == ["mobydick", "The text of Moby Dick"]
+def test_unknown_name_and_missing_files(rlib, tmp_path):
+    db = LazyLoadDB(rlib / "janeaustenr" / "data")
+    with pytest.raises(KeyError, match="has: emma, mansfieldpark"):
+        db["nope"]
+    with pytest.raises(FileNotFoundError, match="Rdata.rdb"):
+        LazyLoadDB(tmp_path)
 
 
-def test_real_code_db_bytecode_is_refused(rlib):
-    db = LazyLoadDB(rlib / "janeaustenr" / "R" / "janeaustenr")
-    assert db[".packageName"] == ["janeaustenr"]
-    assert "austen_books" in db.names()
-    with pytest.raises(RDataError, match="BCODESXP"):
-        db["austen_books"]  # a byte-compiled function, not data
-
+@pytest.mark.parametrize("compressed, tag, compress", [(1, b"", zlib.compress), (2, b"2", bz2.compress),
+                                                        (3, b"Z", lzma.compress), (3, b"0", bytes)])
+def test_record_framing_of_every_compression_method(rlib, compressed, tag, compress):
+    """R's record framing (4-byte length, then zlib, or a method tag and the data) around the
+    real Emma record: every method gives back the same serialization."""
+    db = LazyLoadDB(rlib / "janeaustenr" / "data")
+    offset, length = db.variables["emma"]
+    record = (rlib / "janeaustenr" / "data" / "Rdata.rdb").read_bytes()[offset:offset + length]
+    payload = decompress_record(record, 1)
+    assert payload[:2] == b"X\n"  # R's XDR serialization
+    framed = struct.pack(">i", len(payload)) + tag + compress(payload)
+    assert decompress_record(framed, compressed) == payload
+    with pytest.raises(ValueError, match="expected 999 bytes"):
+        decompress_record(struct.pack(">i", 999) + tag + compress(payload), compressed)
+    with pytest.raises(ValueError, match="corrupt|compression tag"):
+        decompress_record(struct.pack(">i", len(payload)) + b"Q" + b"not compressed data", compressed)
 
 # ==========================================================================================
 # the 8 books
@@ -201,204 +189,6 @@ def test_books_second_load_uses_cache(real_books, books_cache, monkeypatch):
     assert [(b.title, b.text) for b in again] == [(b.title, b.text) for b in real_books]
     assert (Path(cache) / "emma.txt").read_text(encoding="utf-8") == again[0].text
 
-
-# ==========================================================================================
-# XDR parser on hand-built bytes
-# ==========================================================================================
-def i32(*v: int) -> bytes:
-    return struct.pack(f">{len(v)}i", *v)
-
-
-def header(version: int = 3) -> bytes:
-    h = b"X\n" + i32(version, 0x040201, 0x030500)
-    return h + (i32(5) + b"UTF-8" if version == 3 else b"")
-
-
-def charsxp(s: str | None, levels: int = 8) -> bytes:
-    if s is None:
-        return i32(9, -1)
-    b = s.encode("utf-8" if levels != 4 else "latin-1")
-    return i32(9 | (levels << 12), len(b)) + b
-
-
-def strsxp(*items, attrs: bytes = b"") -> bytes:
-    flags = 16 | (0x200 if attrs else 0)
-    return i32(flags, len(items)) + b"".join(charsxp(s) for s in items) + attrs
-
-
-def sym(name: str) -> bytes:
-    return i32(1) + charsxp(name, 64)
-
-
-def ref(index: int) -> bytes:
-    return i32((index << 8) | 255)
-
-
-def attrlist(*pairs: tuple[bytes, bytes]) -> bytes:
-    return b"".join(i32(0x402) + tag + value for tag, value in pairs) + i32(254)
-
-
-def test_strsxp_v2_and_v3_with_na():
-    for version in (2, 3):
-        v = unserialize(header(version) + strsxp("a", None, "héllo"))
-        assert v == ["a", None, "héllo"] and v.rtype == "character" and v.attributes == {}
-    latin = unserialize(header() + i32(16, 1) + charsxp("café", levels=4))
-    assert latin == ["café"]
-
-
-def test_atomic_vectors_and_na():
-    na_real = struct.pack(">II", 0x7FF00000, 1954)
-    nan = struct.pack(">d", float("nan"))
-    assert unserialize(header() + i32(13, 3, 1, -(2**31), 7)) == [1, None, 7]
-    assert unserialize(header() + i32(10, 3, 1, 0, -(2**31))) == [True, False, None]
-    real = unserialize(header() + i32(14, 3) + struct.pack(">d", 2.5) + na_real + nan)
-    assert real[0] == 2.5 and real[1] is None and real[2] != real[2]
-    assert unserialize(header() + i32(15, 1) + struct.pack(">dd", 1.0, -2.0)) == [1 - 2j]
-    assert unserialize(header() + i32(24, 3) + b"\x00\x01\xff") == [0, 1, 255]
-    assert unserialize(header() + i32(254)) is None
-    # long-vector length encoding (-1, upper, lower)
-    assert unserialize(header() + i32(13, -1, 0, 2, 5, 6)) == [5, 6]
-
-
-def test_named_list_with_symbol_references():
-    # list(a = "x", b = list(c = 1L)): the second `names` symbol is a REFSXP to the first
-    # (the inner list is read first, so its `names` creates the symbol)
-    inner = i32(19 | 0x200, 1) + i32(13, 1, 1) + attrlist((sym("names"), strsxp("c")))
-    outer_names = attrlist((ref(1), strsxp("a", "b")))
-    blob = header() + i32(19 | 0x200, 2) + strsxp("x") + inner + outer_names
-    v = unserialize(blob)
-    assert v.rtype == "list" and v.names == ["a", "b"]
-    assert v.as_dict()["a"] == ["x"] and v[1].as_dict() == {"c": [1]}
-
-
-def test_data_frame_with_altrep_and_factor():
-    # data.frame(n = 1:3, f = factor(c("u", "v", "u")), s = c("p", "q", "r"))
-    compact = (
-        i32(238)
-        # info: pairlist(class symbol, package symbol, type 13L)
-        + i32(0x2) + sym("compact_intseq") + i32(0x2) + sym("base")
-        + i32(0x2) + i32(13, 1, 13) + i32(254)
-        # state: c(length, first, increment)
-        + i32(14, 3) + struct.pack(">3d", 3, 1, 1)
-        + i32(254)
-    )
-    factor = i32(13 | 0x300, 3, 1, 2, 1) + attrlist(
-        (sym("levels"), strsxp("u", "v")), (sym("class"), strsxp("factor"))
-    )
-    df = (
-        header() + i32(19 | 0x300, 3) + compact + factor + strsxp("p", "q", "r")
-        + attrlist(
-            (sym("names"), strsxp("n", "f", "s")),
-            (ref(4), strsxp("data.frame")),  # `class` symbol: 4th reference
-            (sym("row.names"), i32(13, 2, -(2**31), -3)),
-        )
-    )
-    v = unserialize(df)
-    assert is_data_frame(v) and v.attributes["row.names"] == [None, -3]
-    assert as_data_frame(v) == {"n": [1, 2, 3], "f": ["u", "v", "u"], "s": ["p", "q", "r"]}
-    assert isinstance(v.attributes, dict) and v.r_class == ["data.frame"]
-
-
-def test_pairlist_and_symbol():
-    blob = (header() + i32(0x402) + sym("k") + strsxp("v")
-            + i32(0x402) + ref(1) + i32(254) + i32(254))
-    pl = unserialize(blob)
-    assert pl.rtype == "pairlist" and pl == [("k", ["v"]), ("k", None)]
-    assert unserialize(header() + sym("abc")) == RSymbol("abc")
-
-
-@pytest.mark.parametrize(
-    "blob, match",
-    [
-        (b"A\n1\n", "ascii"),
-        (b"B\n\x00\x00", "native-binary"),
-        (b"RDX3\n", "not R XDR"),
-        (b"X\n" + i32(4, 0, 0), "format version 4"),
-        (header() + i32(16, 5) + charsxp("a"), "truncated"),
-        (header() + i32(22), "EXTPTRSXP"),
-        (header() + i32(21), "BCODESXP"),
-        (header() + i32(99), "unknown type 99"),
-        (header() + ref(3), "reference #3 out of range"),
-        (header() + i32(13, -7), "negative vector length"),
-        (header() + i32(238) + i32(2) + sym("mmap_integer") + i32(254) + i32(254) + i32(254),
-         "ALTREP class 'mmap_integer'"),
-    ],
-)
-def test_unserialize_errors(blob, match):
-    with pytest.raises(RDataError, match=match):
-        unserialize(blob)
-
-
-def test_decompress_record_methods_and_errors():
-    payload = header() + strsxp("z")
-    n = i32(len(payload))
-    assert decompress_record(n + zlib.compress(payload), 1) == payload
-    assert decompress_record(n + b"2" + bz2.compress(payload), 2) == payload
-    assert decompress_record(n + b"Z" + lzma.compress(payload), 3) == payload
-    assert decompress_record(n + b"0" + payload, 3) == payload
-    with pytest.raises(RDataError, match="expected 999 bytes"):
-        decompress_record(i32(999) + zlib.compress(payload), 1)
-    with pytest.raises(RDataError, match="compression tag"):
-        decompress_record(n + b"Q" + payload, 2)
-    with pytest.raises(RDataError, match="corrupt"):
-        decompress_record(n + b"not zlib at all", 1)
-    with pytest.raises(RDataError, match="too short"):
-        decompress_record(b"\x00\x01", 1)
-
-
-def _write_lazyload(
-    path: Path, objects: dict[str, bytes], compressed: int, references: dict | None = None
-) -> None:
-    references = references or {}
-    records, offsets, pos = [], [], 0
-    for payload in [*objects.values(), *references.values()]:
-        body = {1: zlib.compress(payload), 2: b"2" + bz2.compress(payload),
-                3: b"Z" + lzma.compress(payload)}[compressed]
-        rec = i32(len(payload)) + body
-        offsets.append((pos, len(rec)))
-        records.append(rec)
-        pos += len(rec)
-    (path / "Rdata.rdb").write_bytes(b"".join(records))
-    var_offsets, ref_offsets = offsets[: len(objects)], offsets[len(objects) :]
-    variables = i32(19 | 0x200, len(objects)) + b"".join(i32(13, 2, o, n) for o, n in var_offsets)
-    variables += attrlist((sym("names"), strsxp(*objects)))
-    refs = i32(19 | (0x200 if references else 0), len(references))
-    refs += b"".join(i32(13, 2, o, n) for o, n in ref_offsets)
-    refs += attrlist((ref(1), strsxp(*references))) if references else b""
-    comp = i32(10, 1, 1) if compressed == 1 else i32(14, 1) + struct.pack(">d", compressed)
-    index = header() + i32(19 | 0x200, 3) + variables + refs + comp + attrlist(
-        (ref(1), strsxp("variables", "references", "compressed"))
-    )
-    (path / "Rdata.rdx").write_bytes(gzip.compress(index))
-
-
-@pytest.mark.parametrize("compressed", [1, 2, 3])
-def test_lazyload_db_roundtrip(tmp_path, compressed):
-    _write_lazyload(tmp_path, {"a": header() + strsxp("x", "y"), "b": header(2) + i32(13, 1, 42)},
-                    compressed)
-    db = LazyLoadDB(tmp_path)
-    assert db.compressed == compressed and db.names() == ["a", "b"] and len(db) == 2
-    assert db["a"] == ["x", "y"] and db["b"] == [42]
-    with pytest.raises(KeyError, match="has: a, b"):
-        db["nope"]
-
-
-def test_lazyload_persistent_reference_to_itself(tmp_path):
-    persist = i32(247, 0, 1) + charsxp("env::1")  # PERSISTSXP naming the record "env::1"
-    env_record = header() + i32(19, 2) + persist + strsxp("payload")  # refers to itself
-    _write_lazyload(tmp_path, {"x": header() + i32(19, 1) + persist}, 1, {"env::1": env_record})
-    db = LazyLoadDB(tmp_path)
-    assert list(db.references) == ["env::1"]
-    (env,) = db["x"]
-    assert env[1] == ["payload"] and isinstance(env[0], RPersistentRef)
-    assert db["x"][0] is env  # each referenced record is read once
-
-
-def test_lazyload_missing_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="Rdata.rdb"):
-        LazyLoadDB(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no such .rds"):
-        read_rds(tmp_path / "x.rds")
 
 
 # ==========================================================================================

@@ -8,8 +8,8 @@
   no blank lines).
 
 ``fetch_books`` downloads the two ``.deb`` files with ``apt-get download`` (running ``apt-get
-update`` only if that fails), unpacks them with ``dpkg-deb -x``, reads the R data with the
-pure-Python :mod:`longrope2.data.rdata`, and downloads the sentencepiece sdist with ``pip
+update`` only if that fails), unpacks them with ``dpkg-deb -x``, reads the R data with
+PyPI's ``rdata`` (:mod:`longrope2.data.r_lazyload`), and downloads the sentencepiece sdist with ``pip
 download`` (never building it). Texts are joined into paragraphs (one per line of output,
 blank line between; verse and other indented lines keep their breaks), Gutenberg headers and
 licence text are removed, and the results are cached as UTF-8 ``.txt`` files plus
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from longrope2.data.rdata import LazyLoadDB
+from longrope2.data.r_lazyload import LazyLoadDB
 
 __all__ = [
     "Book",
