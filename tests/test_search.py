@@ -140,3 +140,28 @@ def test_every_search_preset_loads(path):
 
     cfg = SearchConfig.from_yaml(path)
     assert cfg.target_length > 0 and cfg.output_dir
+
+
+def test_file_baselines_keep_short_factors_and_attention_factor(tmp_path):
+    """``file:`` baselines go through ``RopeScaling.from_file``: an HF ``config.json`` keeps its
+    short factors and attention factor, a ``best.json`` its long factors; scored at the
+    search's target length."""
+    from longrope2.model.config import ModelConfig
+    from longrope2.rope import RopeScaling
+    from longrope2.search.run import SearchConfig, baseline_scalings
+
+    model = ModelConfig.from_name("tiny")
+    yarn = RopeScaling.from_method("yarn", model.rope_geometry, 1024)
+    short = [1.0 + 0.01 * i for i in range(model.rotary_dim // 2)]
+    hf = RopeScaling.from_factors(model.rope_geometry, 1024, list(yarn.long_factor), short, attention_factor=1.3)
+    (tmp_path / "config.json").write_text(json.dumps(hf.to_hf_config()))
+    (tmp_path / "best.json").write_text(json.dumps({"long_factor": list(yarn.long_factor), "target_length": 1024,
+                                                    "original_length": model.original_max_position_embeddings}))
+    config = SearchConfig(model="tiny", tokenizer="hashed-words", target_length=1024, output_dir=str(tmp_path / "o"),
+                          baselines=["original", f"file:{tmp_path / 'config.json'}", f"file:{tmp_path / 'best.json'}"])
+    baselines = baseline_scalings(config, model)
+    assert baselines["original"] is None
+    assert baselines["config"].short_factor == tuple(short)
+    assert baselines["config"].resolved_attention_factor == 1.3
+    assert baselines["best"].long_factor == yarn.long_factor
+    assert baselines["best"].max_position_embeddings == 1024

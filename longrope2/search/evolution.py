@@ -63,6 +63,18 @@ class SearchSpace:
     def grid_hi(self) -> int:
         return math.floor(2 * self.scale / self.grid + 1e-9)
 
+    @property
+    def critical_dims(self) -> list[int]:
+        """Every candidate d_rcd, ``d10 .. d_tcd``."""
+        return list(range(self.min_critical_dim, self.max_critical_dim + 1))
+
+    def check_population(self, size: int) -> None:
+        """The initial population seeds every d_rcd at least once, so it needs one per value."""
+        dims = self.critical_dims
+        if size < len(dims):
+            raise ValueError(f"evolution.population_size {size} cannot seed every critical dim d_rcd in "
+                             f"[{dims[0]}, {dims[-1]}] ({len(dims)} values): use population_size >= {len(dims)}")
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -96,8 +108,10 @@ def _check(candidate: Candidate, space: SearchSpace) -> Candidate:
 def initial_population(space: SearchSpace, size: int, rng: np.random.Generator) -> list[Candidate]:
     """One flat individual per candidate d_rcd in ``[d10, d_tcd]`` (a random level s' in
     ``[s, 2s]`` above it), then more flat individuals cycling through the d_rcd range until
-    ``size`` distinct ones exist (paper Alg. 1, line 1)."""
-    dims = list(range(space.min_critical_dim, space.max_critical_dim + 1))
+    ``size`` distinct ones exist (paper Alg. 1, line 1). A population smaller than the d_rcd
+    range is an error (``check_population``): every d_rcd is seeded."""
+    space.check_population(size)
+    dims = space.critical_dims
     levels = space.grid_hi - space.grid_lo + 1
     capacity = len(dims) * levels
     if size > capacity:
@@ -116,10 +130,17 @@ def initial_population(space: SearchSpace, size: int, rng: np.random.Generator) 
     return population
 
 
-def mutate(parent: Candidate, space: SearchSpace, rng: np.random.Generator, probability: float) -> Candidate:
-    """Move d_rcd by one with ``probability``, then resample each searched factor with
-    ``probability`` on the grid between its neighbours, so the vector stays non-decreasing
-    and inside ``[s, 2s]``."""
+def mutate(parent: Candidate, space: SearchSpace, rng: np.random.Generator, probability: float,
+           operator: str = "step", max_step: float = 0.2) -> Candidate:
+    """Move d_rcd by one with ``probability``, then change each searched factor with
+    ``probability``; the result stays on the grid, inside ``[s, 2s]`` and non-decreasing.
+
+    ``step`` (default): the factor moves by a random non-zero number of grid steps, at most
+    ``max_step`` of the ``[s, 2s]`` span, clipped to ``[s, 2s]``; then the monotone repair: the
+    moved factor keeps its new value, factors on its left above it come down to it and factors
+    on its right below it go up to it. ``neighbour`` (the earlier operator, kept to compare): the
+    factor is redrawn between its neighbours' values, so flat individuals never change inside.
+    """
     crit, upper = parent.critical_dim, list(parent.upper)
     if rng.random() < probability:
         step = int(rng.choice([-1, 1]))
@@ -129,11 +150,22 @@ def mutate(parent: Candidate, space: SearchSpace, rng: np.random.Generator, prob
         elif new_crit > crit:
             upper = upper[new_crit - crit:]
         crit = new_crit
+    reach = max(1, round(max_step * (space.grid_hi - space.grid_lo)))
     for j in range(len(upper)):
-        if rng.random() < probability:
+        if rng.random() >= probability:
+            continue
+        if operator == "neighbour":
             lo = upper[j - 1] if j > 0 else space.grid_lo
             hi = upper[j + 1] if j + 1 < len(upper) else space.grid_hi
             upper[j] = int(rng.integers(lo, hi + 1))
+            continue
+        step = int(rng.integers(1, reach + 1)) * (1 if rng.random() < 0.5 else -1)
+        value = min(max(upper[j] + step, space.grid_lo), space.grid_hi)
+        upper[j] = value
+        for i in range(j):  # monotone repair around the moved factor
+            upper[i] = min(upper[i], value)
+        for i in range(j + 1, len(upper)):
+            upper[i] = max(upper[i], value)
     return _check(Candidate(crit, tuple(upper)), space)
 
 
@@ -162,6 +194,11 @@ class EvolutionConfig:
     mutants: int = 16
     crossovers: int = 16
     mutation_probability: float = 0.3
+    operators: str = "step"
+    """``step`` (bounded random steps + monotone repair) or ``neighbour`` (redraw between the
+    neighbours' values; moves nothing inside flat individuals): see ``mutate``."""
+    mutation_step: float = 0.2
+    """``step``: the largest move, as a fraction of the ``[s, 2s]`` span."""
     seed: int = 0
     max_tries: int = 1000
     """Draws allowed per new child before giving up on finding an unseen one."""
@@ -174,6 +211,10 @@ class EvolutionConfig:
             raise ValueError("iterations, mutants and crossovers must be >= 0")
         if not 0 < self.mutation_probability <= 1:
             raise ValueError(f"mutation_probability must be in (0, 1], got {self.mutation_probability}")
+        if self.operators not in ("step", "neighbour"):
+            raise ValueError(f"operators must be 'step' or 'neighbour', got {self.operators!r}")
+        if not 0 < self.mutation_step <= 1:
+            raise ValueError(f"mutation_step must be in (0, 1], got {self.mutation_step}")
 
 
 @dataclass
@@ -246,7 +287,8 @@ def _breed(state: SearchState, space: SearchSpace, config: EvolutionConfig, rng:
         # the neighbourhood of these parents is exhausted; fewer children this generation
 
     for _ in range(config.mutants):
-        add(lambda: mutate(parents[int(rng.integers(len(parents)))], space, rng, config.mutation_probability))
+        add(lambda: mutate(parents[int(rng.integers(len(parents)))], space, rng, config.mutation_probability,
+                           config.operators, config.mutation_step))
     if len(parents) >= 2:
         for _ in range(config.crossovers):
             def make():

@@ -161,13 +161,9 @@ def baseline_scalings(config: SearchConfig, model_cfg) -> dict[str, Any]:
     for name in config.baselines:
         if name == "original":
             out[name] = None
-        elif name.startswith("file:"):
+        elif name.startswith("file:"):  # best.json, an HF config / rope_config.json, or a factor list
             path = Path(name[5:])
-            if not path.is_file():
-                raise FileNotFoundError(f"baseline factor file {path} not found")
-            data = json.loads(path.read_text())
-            factors = data.get("long_factor", data) if isinstance(data, dict) else data
-            out[path.stem] = RopeScaling.from_factors(model_cfg.rope_geometry, config.target_length, list(factors))
+            out[path.stem] = RopeScaling.from_file(path, model_cfg.rope_geometry, target_length=config.target_length)
         else:
             out[name] = RopeScaling.from_method(name, model_cfg.rope_geometry, config.target_length)
     return out
@@ -210,6 +206,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
                                 target_length=config.target_length,
                                 min_critical_dim=config.min_critical_dim or d10,
                                 max_critical_dim=config.max_critical_dim or tcd, grid=config.grid)
+        space.check_population(config.evolution.population_size)
         if rank == 0:  # only once the model, the layout and the search space are known good
             out_dir.mkdir(parents=True, exist_ok=True)
         if config.needle.books is None:  # rank 0 fetches the embedded books once; the rest read the cache

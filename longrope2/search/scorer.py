@@ -118,7 +118,7 @@ class NeedleScorer:
             data_iterator=iter([self._batch(doc) for doc in self.documents]),
             model=[self.model],
             num_microbatches=len(self.documents),
-            seq_length=self.seq_length // parallel_state.get_context_parallel_world_size(),
+            seq_length=self.seq_length,  # the full length: the schedule divides it by CP for its buffers
             micro_batch_size=1,
             forward_only=True,
         )

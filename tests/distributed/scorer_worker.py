@@ -1,5 +1,6 @@
-"""Needle-PPL of fixed candidates with one worker spanning TP=2 or PP=2 equals the 1-rank value.
-Run by tests/test_scorer_parallel.py under torchrun --nproc_per_node 2; rank 0 writes JSON."""
+"""Needle-PPL of fixed candidates with one worker spanning TP=2, PP=2, CP=2 (2 ranks) or
+PP=2 x CP=2 (4 ranks) equals the 1-rank value. Run by tests/test_scorer_parallel.py under
+torchrun; rank 0 writes JSON."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from longrope2.rope import RopeScaling
 from longrope2.search.scorer import NeedleScorer
 
 ORIGINAL, TARGET = 64, 256
+LAYOUTS = {"tp2": dict(tp=2, pp=1, cp=1), "pp2": dict(tp=1, pp=2, cp=1), "cp2": dict(tp=1, pp=1, cp=2),
+           "pp2cp2": dict(tp=1, pp=2, cp=2)}
 
 
 def documents(cfg):
@@ -46,6 +49,7 @@ def scores(cfg, state, layout):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--layouts", default="tp2,pp2,cp2", help="of " + ", ".join(LAYOUTS))
     args = parser.parse_args()
     # the process group outlives the layouts (initialize/destroy_parallel only rebuild megatron's)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -57,10 +61,9 @@ def main() -> None:
     for tensor in state.values():
         dist.broadcast(tensor, src=0)
     destroy_parallel()
-    result = {"reference": scores(cfg, state, dict(tp=1, pp=1, cp=1)),
-              "tp2": scores(cfg, state, dict(tp=2, pp=1, cp=1)),
-              "pp2": scores(cfg, state, dict(tp=1, pp=2, cp=1)),
-              "cp2": scores(cfg, state, dict(tp=1, pp=1, cp=2))}
+    result = {"reference": scores(cfg, state, dict(tp=1, pp=1, cp=1))}
+    for name in args.layouts.split(","):
+        result[name] = scores(cfg, state, LAYOUTS[name])
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
