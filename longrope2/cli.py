@@ -130,7 +130,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = SearchConfig.from_yaml(args.config, overrides)
     result = run_search(config, resume=args.resume)
     if result is not None:
-        print(json.dumps({k: result[k] for k in ("critical_dim", "needle_ppl", "baselines_needle_ppl", "evaluations")}, indent=1))
+        summary = {"critical_dim": result["critical_dim"]}
+        if result["heldout"] is not None:
+            summary["heldout_needle_ppl"] = result["heldout"]["needle_ppl"]
+        summary.update({"search_needle_ppl": result["needle_ppl"], "baselines_search_needle_ppl":
+                        result["baselines_needle_ppl"], "evaluations": result["evaluations"]})
+        print(json.dumps(summary, indent=1))
         print(f"results in {config.output_dir}", file=sys.stderr)
     return 0
 

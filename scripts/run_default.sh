@@ -25,8 +25,11 @@ echo "== 4. the searched factors, ready for config.json: runs/default/search/rop
 python - <<'PY'
 import json
 best = json.load(open("runs/default/search/best.json"))
+held = best["heldout"]["needle_ppl"]
 print(f"d_rcd {best['critical_dim']} (d_tcd {best['theoretical_critical_dim']}), attention factor "
-      f"{best['attention_factor']:.4f}, needle-PPL {best['needle_ppl']:.3f}")
+      f"{best['attention_factor']:.4f}")
+print("held-out needle-PPL: " + ", ".join(f"{name} {ppl:.3f}" for name, ppl in held.items()))
+print(f"(search needle-PPL, in-sample: {best['needle_ppl']:.3f})")
 print("long_factor", " ".join(f"{x:.3g}" for x in best["long_factor"]))
 PY
 

@@ -29,7 +29,8 @@ def config(tmp_path_factory):
     (root / "model.yaml").write_text(yaml.safe_dump(model))
     values = {
         "model": str(root / "model.yaml"), "tokenizer": "hashed-words", "target_length": 1024,
-        "output_dir": str(root / "unused"), "needle": {"documents": 2},
+        "output_dir": str(root / "unused"),
+        "needle": {"documents": 2, "heldout_documents": 1, "heldout_depths": [0.5]},
         "evolution": {"population_size": 8, "iterations": 4, "parents": 4, "mutants": 3, "crossovers": 3},
     }
     path = root / "search.yaml"
@@ -71,6 +72,7 @@ def test_two_workers_match_one_process(config, single):
     # both workers took candidates, and nothing was scored twice
     keys = _logged_keys(double)
     assert len(keys) == len(set(keys)) == len(one["scored"]) + 4  # + the 4 baselines
+    assert best_one["heldout"] == best_two["heldout"]
     assert all((double / f"scores.worker{w}.jsonl").stat().st_size > 0 for w in (0, 1))
 
 
@@ -85,7 +87,31 @@ def test_outputs_are_complete_and_consistent(single):
     assert (single / "search.png").stat().st_size > 10_000
     rows = (single / "history.csv").read_text().splitlines()
     assert len(rows) == 1 + len(state["scored"])
-    assert "LongRoPE2 (searched" in (single / "comparison.md").read_text()
+    comparison = (single / "comparison.md").read_text()
+    assert "LongRoPE2 (searched" in comparison
+    # held-out numbers first: the best and every baseline, on documents the search never saw
+    held = best["heldout"]
+    assert set(held["needle_ppl"]) == {"longrope2", "original", "pi", "ntk", "yarn"}
+    assert held["documents"] == 1 and held["depths"] == [0.5]
+    assert "| rope | held-out needle-PPL (1 documents, depths 0.5) | search needle-PPL (2 documents) |" in comparison
+    assert f"**{held['needle_ppl']['longrope2']:.4f}**" in comparison
+    assert len((single / "heldout.worker0.jsonl").read_text().splitlines()) == 5
+
+
+def test_heldout_documents_are_other_books_seeds_and_depths():
+    from longrope2.configs import from_dict
+    from longrope2.data.tokenize import hashed_words
+    from longrope2.search.run import SearchConfig, needle_documents
+
+    config = from_dict(SearchConfig, {"model": "tiny", "tokenizer": "hashed-words", "target_length": 1024,
+                                      "output_dir": "unused", "needle": {"documents": 2, "heldout_documents": 2,
+                                                                         "heldout_depths": [0.25, 0.5]}})
+    tokenizer = hashed_words(512)
+    search, held = needle_documents(config, tokenizer), needle_documents(config, tokenizer, heldout=True)
+    assert len(search) == 2 and len(held) == 4
+    assert {d.source for d in search}.isdisjoint(d.source for d in held)
+    assert {d.depth for d in search} == {0.0} and {d.depth for d in held} == {0.25, 0.5}
+    assert all(h.tokens != d.tokens for h in held for d in search)
 
 
 def test_killed_search_resumes_to_the_same_result(config, single):

@@ -47,6 +47,23 @@ class NeedleConfig:
     seed: int = 0
     books: list[str] | None = None
     """Text files or folders (e.g. PG19 validation); None = the embedded public-domain books."""
+    heldout_documents: int = 2
+    """Needle documents per held-out depth that the search never sees (0: none): the next books
+    after the search's, another seed, other depths. The best candidate and every baseline are
+    scored on them once the search ends; reports lead with these numbers."""
+    heldout_depths: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    heldout_seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.documents < 1 or self.heldout_documents < 0:
+            raise ValueError(f"needle.documents must be >= 1 and heldout_documents >= 0, got {self.documents}, "
+                             f"{self.heldout_documents}")
+        for depth in (*self.depths, *self.heldout_depths):
+            if not 0 <= depth <= 1:
+                raise ValueError(f"needle depths must be in [0, 1], got {depth}")
+        if self.heldout_documents and self.heldout_seed == self.seed:
+            raise ValueError(f"needle.heldout_seed must differ from needle.seed ({self.seed}): held-out documents "
+                             "are drawn with their own seed")
 
 
 @dataclass(kw_only=True)
@@ -143,15 +160,23 @@ def load_model_and_tokenizer(config: SearchConfig):
     return model.to(default_device()).eval(), model_cfg, tokenizer
 
 
-def needle_documents(config: SearchConfig, tokenizer):
+def needle_documents(config: SearchConfig, tokenizer, heldout: bool = False):
+    """The search's needle documents, or (``heldout``) the held-out ones: the books after the
+    search's (cycling), ``heldout_seed``, ``heldout_depths``."""
     from longrope2.data.books import load_books, load_text_files
     from longrope2.data.needle import make_needle_documents
 
-    books = load_text_files(config.needle.books) if config.needle.books else load_books(progress=False)
+    needle = config.needle
+    books = load_text_files(needle.books) if needle.books else load_books(progress=False)
+    pairs = [(book.title, book.text) for book in books]
+    if heldout:
+        shift = needle.documents % len(pairs)
+        pairs = pairs[shift:] + pairs[:shift]
+    count, seed, depths = ((needle.heldout_documents, needle.heldout_seed, needle.heldout_depths) if heldout
+                           else (needle.documents, needle.seed, needle.depths))
     # one extra token: the inputs of a document are then exactly target_length long
-    return make_needle_documents(tokenizer.encode, [(book.title, book.text) for book in books],
-                                 config.target_length + 1, config.needle.documents, seed=config.needle.seed,
-                                 depths=config.needle.depths, bos_token_id=tokenizer.bos_token_id)
+    return make_needle_documents(tokenizer.encode, pairs, config.target_length + 1, count, seed=seed,
+                                 depths=depths, bos_token_id=tokenizer.bos_token_id)
 
 
 def baseline_scalings(config: SearchConfig, model_cfg) -> dict[str, Any]:
@@ -219,18 +244,13 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
         scorer = NeedleScorer(model, documents)
 
         # state and every score already computed (rank 0 reads, everyone gets the same)
-        state, known = evo.SearchState(), {}
+        state, known, known_heldout = evo.SearchState(), {}, {}
         if resume and rank == 0:
             if state_path.exists():
                 state = evo.SearchState.from_dict(json.loads(state_path.read_text()))
-            for log in sorted(out_dir.glob("scores.worker*.jsonl")):
-                for line in log.read_text().splitlines():
-                    try:
-                        entry = json.loads(line)
-                    except json.JSONDecodeError:  # empty, or cut by a kill: scored again
-                        continue
-                    known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
-        state, known = _broadcast_object((state, known))
+            known = _logged_scores(out_dir.glob("scores.worker*.jsonl"))
+            known_heldout = _logged_scores(out_dir.glob("heldout.worker*.jsonl"))
+        state, known, known_heldout = _broadcast_object((state, known, known_heldout))
 
         worker = parallel_state.get_data_parallel_rank()
         pool = CandidatePool(scorer.score, out_dir / f"scores.worker{worker}.jsonl", config.worker_timeout_s)
@@ -262,17 +282,45 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
                 bar.set_postfix(best=f"{value:.4g}", d_rcd=champion.critical_dim, gen=state.generation - 1)
         bar.close()
 
+        heldout_results = None
+        if config.needle.heldout_documents:
+            champion, _ = evo.best(state)
+            finalists = {"longrope2": RopeScaling.from_factors(geometry, config.target_length,
+                                                               champion.factors(space)), **baselines}
+            heldout_scorer = NeedleScorer(model, needle_documents(config, tokenizer, heldout=True))
+            heldout_pool = CandidatePool(heldout_scorer.score, out_dir / f"heldout.worker{worker}.jsonl",
+                                         config.worker_timeout_s)
+            scores = heldout_pool.score("heldout", list(finalists.values()),
+                                        [scaling_key(s) for s in finalists.values()], known_heldout)
+            heldout_results = dict(zip(finalists, scores))
+            if rank == 0:
+                print("held-out needle-PPL: " + ", ".join(f"{k} {v:.4g}" for k, v in heldout_results.items()),
+                      flush=True)
+
         if rank != 0:
             return None
         result = write_outputs(config, out_dir, state, space, geometry, baseline_results, baselines,
-                               tcd, d10, elapsed=time.time() - started, scored_here=pool.scored_here)
+                               tcd, d10, elapsed=time.time() - started, scored_here=pool.scored_here,
+                               heldout_results=heldout_results)
         return result
     finally:
         destroy_parallel()
 
 
+def _logged_scores(logs) -> dict[str, float]:
+    known = {}
+    for log in sorted(logs):
+        for line in log.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # empty, or cut by a kill: scored again
+                continue
+            known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
+    return known
+
+
 def write_outputs(config, out_dir: Path, state, space, geometry, baseline_results, baselines, tcd, d10,
-                  elapsed: float, scored_here: int) -> dict[str, Any]:
+                  elapsed: float, scored_here: int, heldout_results: dict[str, float] | None = None) -> dict[str, Any]:
     from longrope2.rope.scaling import RopeScaling
     from longrope2.search import evolution as evo
 
@@ -287,7 +335,13 @@ def write_outputs(config, out_dir: Path, state, space, geometry, baseline_result
         "upper_factors": [round(u * space.grid, 10) for u in champion.upper],
         "long_factor": list(scaling.long_factor),
         "attention_factor": scaling.resolved_attention_factor,
-        "needle_ppl": value,
+        "heldout": None if heldout_results is None else {
+            "needle_ppl": heldout_results,
+            "documents": config.needle.heldout_documents * len(config.needle.heldout_depths),
+            "depths": config.needle.heldout_depths,
+            "seed": config.needle.heldout_seed,
+        },
+        "needle_ppl": value,  # in-sample: the best candidate on the documents it was selected on
         "baselines_needle_ppl": baseline_results,
         "evaluations": len(state.scores),
         "generations": state.generation,
@@ -304,17 +358,32 @@ def write_outputs(config, out_dir: Path, state, space, geometry, baseline_result
         for cand, score in state.scores.items():
             writer.writerow([state.scored_in[cand], cand.critical_dim, score,
                              " ".join(f"{u * space.grid:.2f}" for u in cand.upper)])
-    rows = [f"| {name} | {ppl:.4f} |" for name, ppl in baseline_results.items()]
+    searched = f"LongRoPE2 (searched, d_rcd = {champion.critical_dim})"
+    search_docs = config.needle.documents * len(config.needle.depths)
+    if heldout_results is not None:
+        held = result["heldout"]
+        rows = [f"| {name} | {heldout_results[name]:.4f} | {ppl:.4f} |" for name, ppl in baseline_results.items()]
+        rows.append(f"| **{searched}** | **{heldout_results['longrope2']:.4f}** | {value:.4f} (in-sample) |")
+        header = [f"| rope | held-out needle-PPL ({held['documents']} documents, depths "
+                  f"{', '.join(f'{d:g}' for d in held['depths'])}) | search needle-PPL ({search_docs} documents) |",
+                  "| --- | --- | --- |"]
+        note = ("Held-out: other books, another seed and other needle depths than the search's; the searched "
+                "column is the minimum over all candidates on the documents they were selected on.")
+    else:
+        rows = [f"| {name} | {ppl:.4f} |" for name, ppl in baseline_results.items()]
+        rows.append(f"| **{searched}** | **{value:.4f}** (in-sample) |")
+        header = [f"| rope | search needle-PPL ({search_docs} documents) |", "| --- | --- |"]
+        note = "No held-out documents (needle.heldout_documents: 0): the searched value is in-sample."
     table = "\n".join([
         f"# LongRoPE2 search: {config.target_length} tokens (original window {geometry.original_max_position_embeddings})",
         "",
         f"{len(config.baselines)} baselines and {len(state.scores)} candidates over {state.generation} generations "
-        f"on {config.needle.documents * len(config.needle.depths)} needle documents, {elapsed / 60:.1f} min.",
+        f"on {search_docs} needle documents, {elapsed / 60:.1f} min.",
         "",
-        "| rope | needle-PPL |",
-        "| --- | --- |",
+        *header,
         *rows,
-        f"| **LongRoPE2 (searched, d_rcd = {champion.critical_dim})** | **{value:.4f}** |",
+        "",
+        note,
         "",
         f"Critical dims: found d_rcd = {champion.critical_dim}; theoretical d_tcd = {tcd}; ten-period d10 = {d10}.",
     ])

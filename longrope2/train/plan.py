@@ -307,9 +307,22 @@ def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_
     dims = ParallelDims(tp=par.tp, pp=par.pp, cp=par.cp, world_size=world)
     dims.validate(model, seq_len=config.target_length)
     ev = config.evolution
+    from longrope2.rope import ten_period_dim, theoretical_critical_dim
+    from longrope2.search.evolution import SearchSpace
+
+    geometry = model.rope_geometry
+    window = geometry.original_max_position_embeddings
+    SearchSpace(dim=geometry.rotary_dim, base=geometry.rope_theta, original_length=window,
+                target_length=config.target_length, grid=config.grid,
+                min_critical_dim=config.min_critical_dim or ten_period_dim(geometry.rotary_dim, geometry.rope_theta, window),
+                max_critical_dim=config.max_critical_dim or theoretical_critical_dim(geometry.rotary_dim,
+                                                                                     geometry.rope_theta, window),
+                ).check_population(ev.population_size)
     candidates = ev.population_size + ev.iterations * (ev.mutants + ev.crossovers) + len(config.baselines)
     documents = config.needle.documents * len(config.needle.depths)
-    tokens = candidates * documents * config.target_length
+    heldout = (1 + len(config.baselines)) * config.needle.heldout_documents * len(config.needle.heldout_depths)
+    forwards = candidates * documents + heldout
+    tokens = forwards * config.target_length
     lines = [f"dry run (search): {model.name} ({model.num_parameters() / 1e9:.2f}B parameters), "
              f"needle documents of {config.target_length:,} tokens, {config.dtype}"]
     lines += _layout_lines(dims, world, gpus_per_node)
@@ -318,7 +331,8 @@ def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_
         f"  {dims.dp} workers pull candidates from a shared counter; at most {candidates} candidates "
         f"({ev.population_size} initial + {ev.iterations} x {ev.mutants + ev.crossovers} + "
         f"{len(config.baselines)} baselines) x {documents} documents",
-        f"  {tokens:,} forward tokens in all, about {tokens // dims.dp:,} per worker",
+        f"  then the best and the baselines on held-out documents: {heldout} document-forwards",
+        f"  {forwards:,} document-forwards, {tokens:,} forward tokens in all, about {tokens // dims.dp:,} per worker",
     ]
     e = _dtype_bytes(config.dtype)
     params = max(stage_parameters(model, dims.tp, dims.pp))
