@@ -147,7 +147,9 @@ def test_search_dry_run(capsys):
     assert rc == 0, out
     assert "8 workers pull candidates" in out
     assert "132 candidates (32 initial + 6 x 16 + 4 baselines) x 4 documents" in out
-    assert f"{132 * 4 * 32768:,} forward tokens" in out
+    # the best and the 4 baselines on the default held-out set: 2 documents x 2 depths
+    assert "then the best and the baselines on held-out documents: 20 document-forwards" in out
+    assert f"{132 * 4 + 20:,} document-forwards, {(132 * 4 + 20) * 32768:,} forward tokens" in out
     model = ModelConfig.from_name("smollm2_135m")
     assert f"{'weights':<30} {model.num_parameters() * 4 / GIB:8.2f} GiB" in out  # fp32, one GPU per worker
 
