@@ -38,6 +38,18 @@ def config(tmp_path_factory):
     return root, path
 
 
+@pytest.fixture(scope="module")
+def halving_config(config):
+    """The same search on 4 documents with successive halving after the first and second."""
+    root, path = config
+    values = yaml.safe_load(path.read_text())
+    values["needle"]["documents"] = 4
+    values["halving"] = {"rungs": [1, 2], "margin": 0.05}
+    halving = root / "halving.yaml"
+    halving.write_text(yaml.safe_dump(values))
+    return root, halving
+
+
 def _search(config, name, nproc, *extra):
     root, path = config
     out = root / name
@@ -114,9 +126,9 @@ def test_heldout_documents_are_other_books_seeds_and_depths():
     assert all(h.tokens != d.tokens for h in held for d in search)
 
 
-def test_killed_search_resumes_to_the_same_result(config, single):
+def _kill_and_resume(config, single, name):
     root, path = config
-    out = root / "killed"
+    out = root / name
     proc = subprocess.Popen(torchrun_command(2, LAUNCH, "--config", str(path), "--output-dir", str(out)),
                             env=torchrun_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -134,12 +146,48 @@ def test_killed_search_resumes_to_the_same_result(config, single):
     before = _logged_keys(out)
 
     with pytest.raises(AssertionError, match="exists: pass --resume"):
-        _search(config, "killed", 1)
-    _search(config, "killed", 1, "--resume")
+        _search(config, name, 1)
+    _search(config, name, 1, "--resume")
     assert json.loads(state.read_text()) == json.loads((single / "state.json").read_text())
     after = _logged_keys(out)
     assert set(before) < set(after)
     assert len(after) == len(set(after))  # nothing scored twice across the kill
+
+
+def test_killed_search_resumes_to_the_same_result(config, single):
+    _kill_and_resume(config, single, "killed")
+
+
+@pytest.fixture(scope="module")
+def halving_single(halving_config):
+    return _search(halving_config, "halving-one-process", 1)
+
+
+def test_halving_two_workers_match_one_process_with_fewer_forwards(halving_config, halving_single):
+    """Successive halving: 2 workers prune exactly the candidates 1 process prunes; some stop
+    after one or two of the 4 documents, so the search costs fewer document-forwards than
+    every candidate on every document; only fully scored candidates can be the best."""
+    double = _search(halving_config, "halving-two-workers", 2)
+    one, two = (json.loads((d / "state.json").read_text()) for d in (halving_single, double))
+    assert one == two
+    best = json.loads((halving_single / "best.json").read_text())
+    reached = [len(entry["nll"]) for entry in one["partial"]]
+    assert set(reached) <= {1, 2, 4} and 1 in reached and 4 in reached
+    assert best["stopped_early"] == sum(r < 4 for r in reached) == len(one["partial"]) - len(one["scored"]) > 0
+    exhaustive = (4 + len(one["partial"])) * 4 + 5 * 1  # baselines and candidates on 4 documents, held-out
+    assert best["document_forwards"] == 4 * 4 + sum(reached) + 5 < exhaustive
+    assert best["needle_ppl"] == min(entry["score"] for entry in one["scored"])
+    keys = _logged_keys(double)
+    assert len(keys) == len(set(keys))  # each (candidate, document range) scored once
+    rows = (halving_single / "history.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(one["partial"])
+    assert "stopped early by successive halving" in (halving_single / "comparison.md").read_text()
+
+
+def test_killed_halving_search_resumes_to_the_same_result(halving_config, halving_single):
+    """Killed while generations are scored in halving stages: --resume re-scores no logged
+    (candidate, document range) and ends on the uninterrupted state, per-document NLLs included."""
+    _kill_and_resume(halving_config, halving_single, "halving-killed")
 
 
 def test_resume_inside_the_first_generation(config, single):

@@ -224,9 +224,12 @@ class SearchState:
     generation: int = 0
     """Generations finished; 0 = the initial population is being scored."""
     scores: dict[Candidate, float] = field(default_factory=dict)
-    """Every candidate ever scored (also the duplicate filter)."""
+    """Every candidate scored on every document (with ``partial``, the duplicate filter)."""
+    partial: dict[Candidate, list[float]] = field(default_factory=dict)
+    """Per-document answer NLL of every candidate the caller scored document by document
+    (``search.halving``); one that stopped at a rung has fewer entries and no ``scores`` entry."""
     scored_in: dict[Candidate, int] = field(default_factory=dict)
-    """The generation each candidate was scored in."""
+    """The generation each candidate was scored (or stopped) in."""
     population: list[Candidate] = field(default_factory=list)
     """The current parents (top-k), best first."""
     best_per_generation: list[float] = field(default_factory=list)
@@ -236,6 +239,7 @@ class SearchState:
         return {
             "generation": self.generation,
             "scored": [{**c.to_dict(), "score": s, "generation": self.scored_in[c]} for c, s in self.scores.items()],
+            "partial": [{**c.to_dict(), "nll": nll, "generation": self.scored_in[c]} for c, nll in self.partial.items()],
             "population": [c.to_dict() for c in self.population],
             "best_per_generation": self.best_per_generation,
             "rng_state": self.rng_state,
@@ -246,7 +250,8 @@ class SearchState:
         return cls(
             generation=int(data["generation"]),
             scores={Candidate.from_dict(d): float(d["score"]) for d in data["scored"]},
-            scored_in={Candidate.from_dict(d): int(d["generation"]) for d in data["scored"]},
+            partial={Candidate.from_dict(d): [float(x) for x in d["nll"]] for d in data.get("partial", [])},
+            scored_in={Candidate.from_dict(d): int(d["generation"]) for d in (*data["scored"], *data.get("partial", []))},
             population=[Candidate.from_dict(d) for d in data["population"]],
             best_per_generation=[float(x) for x in data["best_per_generation"]],
             rng_state=data["rng_state"],
@@ -275,7 +280,7 @@ def propose(state: SearchState, space: SearchSpace, config: EvolutionConfig) -> 
 def _breed(state: SearchState, space: SearchSpace, config: EvolutionConfig, rng: np.random.Generator) -> list[Candidate]:
     parents = state.population
     children: list[Candidate] = []
-    seen = set(state.scores)
+    seen = set(state.scores) | set(state.partial)
 
     def add(make) -> None:
         for _ in range(config.max_tries):
@@ -298,9 +303,15 @@ def _breed(state: SearchState, space: SearchSpace, config: EvolutionConfig, rng:
     return children
 
 
-def advance(state: SearchState, scored: dict[Candidate, float], config: EvolutionConfig) -> SearchState:
+def advance(state: SearchState, scored: dict[Candidate, float], config: EvolutionConfig,
+            partial: dict[Candidate, list[float]] | None = None) -> SearchState:
     """Record a generation's scores and keep the top-k (lower needle-PPL is better; ties broken
-    by the candidate's order so that the result does not depend on scoring order)."""
+    by the candidate's order so that the result does not depend on scoring order). ``partial``:
+    the generation's per-document NLLs, including candidates that stopped early (not in
+    ``scored``, never parents)."""
+    for candidate, nll in (partial or {}).items():
+        state.partial[candidate] = list(nll)
+        state.scored_in[candidate] = state.generation
     for candidate, score in scored.items():
         if not math.isfinite(score):
             score = math.inf

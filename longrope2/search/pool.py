@@ -22,6 +22,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
+def _finite_or_none(value):
+    """A score (a float, or a list of per-document NLLs) for strict JSON: inf/nan -> null."""
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value if math.isfinite(value) else None
+
+
 class WorkerLost(RuntimeError):
     """A worker stopped publishing scores; the search state on disk can be resumed."""
 
@@ -62,7 +69,7 @@ class CandidatePool:
     def score(self, tag: str, candidates: Sequence[object], keys: Sequence[str],
               known: dict[str, float] | None = None, on_score: Callable[[int, float], None] | None = None) -> list[float]:
         """Scores of ``candidates`` (``keys`` identify them; ``known`` scores are reused), the
-        same list on every rank. ``tag`` must be unique per call within one launch."""
+        same list on every rank. A score is what ``score_fn`` returns: a float or a list of floats. ``tag`` must be unique per call within one launch."""
         known = known or {}
         count = len(candidates)
         while True:
@@ -74,7 +81,7 @@ class CandidatePool:
             if key in known:
                 value, computed = known[key], False
             else:
-                value, computed = float(self.score_fn(candidates[index])), True
+                value, computed = self.score_fn(candidates[index]), True
             if self.is_leader:
                 self.store.set(f"{tag}/score/{index}", json.dumps({"score": value, "worker": self.worker}))
                 if computed:
@@ -104,5 +111,5 @@ class CandidatePool:
                 log.seek(log.tell() - 1)
                 if log.read(1) != "\n":
                     log.write("\n")
-            log.write(json.dumps({"tag": tag, "key": key, "score": value if math.isfinite(value) else None}) + "\n")
+            log.write(json.dumps({"tag": tag, "key": key, "score": _finite_or_none(value)}) + "\n")
             log.flush()

@@ -29,6 +29,7 @@ import torch
 
 from longrope2 import configs
 from longrope2.search.evolution import EvolutionConfig
+from longrope2.search.halving import HalvingConfig
 
 
 @dataclass(kw_only=True)
@@ -81,6 +82,8 @@ class SearchConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    halving: HalvingConfig = field(default_factory=HalvingConfig)
+    """Successive halving over the search documents (``search.halving``); off by default."""
     min_critical_dim: int | None = None
     """Lowest candidate real critical dim; None = the ten-period dim d10."""
     max_critical_dim: int | None = None
@@ -97,6 +100,7 @@ class SearchConfig:
             raise ValueError("give exactly one of `checkpoint` (HF weights) and `model` (random weights)")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        self.halving.check(self.needle.documents * len(self.needle.depths))
         for name in self.baselines:
             if name not in ("original", "pi", "ntk", "yarn") and not name.startswith("file:"):
                 raise ValueError(f"unknown baseline {name!r}: use original, pi, ntk, yarn or file:PATH")
@@ -204,6 +208,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
     from longrope2.rope import ten_period_dim, theoretical_critical_dim
     from longrope2.rope.scaling import RopeScaling
     from longrope2.search import evolution as evo
+    from longrope2.search import halving
     from longrope2.search.pool import CandidatePool
     from longrope2.search.scorer import NeedleScorer
 
@@ -253,33 +258,44 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
         state, known, known_heldout = _broadcast_object((state, known, known_heldout))
 
         worker = parallel_state.get_data_parallel_rank()
-        pool = CandidatePool(scorer.score, out_dir / f"scores.worker{worker}.jsonl", config.worker_timeout_s)
+        # a pool task is (rope, first document, stop document); its score, the documents' answer NLLs
+        pool = CandidatePool(lambda task: scorer.score_documents(*task), out_dir / f"scores.worker{worker}.jsonl",
+                             config.worker_timeout_s)
+        counts, num_documents = scorer.answer_counts, len(documents)
+        every_document = f"docs0-{num_documents}"
         baselines = baseline_scalings(config, model_cfg)
-        base_keys = [scaling_key(s) for s in baselines.values()]
+        base_keys = [f"{scaling_key(s)}/{every_document}" for s in baselines.values()]
         total = len(baselines) + config.evolution.population_size + config.evolution.iterations * (
             config.evolution.mutants + config.evolution.crossovers)
         bar = tqdm(total=total, desc="needle-PPL evaluations", disable=rank != 0, dynamic_ncols=True)
-        bar.update(sum(k in known for k in base_keys) + len(state.scores))
+        bar.update(sum(k in known for k in base_keys) + len(state.scored_in))
         started = time.time()
 
-        base_scores = pool.score("baselines", list(baselines.values()), base_keys, known)
+        base_nll = pool.score("baselines", [(s, 0, num_documents) for s in baselines.values()], base_keys, known)
         bar.update(sum(k not in known for k in base_keys))
-        baseline_results = dict(zip(baselines, base_scores))
-        known.update(zip(base_keys, base_scores))
+        baseline_results = {name: halving.needle_ppl(nll, counts) for name, nll in zip(baselines, base_nll)}
         if rank == 0:
             bar.write("baselines: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline_results.items()))
 
         while state.generation <= config.evolution.iterations:
             candidates = evo.propose(state, space, config.evolution)
-            scalings = [RopeScaling.from_factors(geometry, config.target_length, c.factors(space)) for c in candidates]
-            keys = [scaling_key(s) for s in scalings]
-            scores = pool.score(f"gen{state.generation}", scalings, keys, known)
+            scalings = {c: RopeScaling.from_factors(geometry, config.target_length, c.factors(space)) for c in candidates}
+            generation = state.generation
+
+            def score_stage(alive, start, stop):  # one pool task per candidate and document range
+                return pool.score(f"gen{generation}/docs{start}-{stop}", [(scalings[c], start, stop) for c in alive],
+                                  [f"{scaling_key(scalings[c])}/docs{start}-{stop}" for c in alive], known)
+
+            nll = halving.score_generation(candidates, state.population, state.partial, num_documents, counts,
+                                           config.halving, config.evolution.parents, score_stage)
+            full = {c: halving.needle_ppl(v, counts) for c, v in nll.items() if len(v) == num_documents}
+            evo.advance(state, full, config.evolution, partial=nll)
             bar.update(len(candidates))
-            evo.advance(state, dict(zip(candidates, scores)), config.evolution)
             if rank == 0:
                 _atomic_write(state_path, json.dumps(state.to_dict()))
                 champion, value = evo.best(state)
-                bar.set_postfix(best=f"{value:.4g}", d_rcd=champion.critical_dim, gen=state.generation - 1)
+                bar.set_postfix(best=f"{value:.4g}", d_rcd=champion.critical_dim, gen=state.generation - 1,
+                                forwards=document_forwards(state, len(baselines), num_documents))
         bar.close()
 
         heldout_results = None
@@ -301,10 +317,16 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
             return None
         result = write_outputs(config, out_dir, state, space, geometry, baseline_results, baselines,
                                tcd, d10, elapsed=time.time() - started, scored_here=pool.scored_here,
-                               heldout_results=heldout_results)
+                               answer_counts=counts, heldout_results=heldout_results)
         return result
     finally:
         destroy_parallel()
+
+
+def document_forwards(state, baselines: int, documents: int) -> int:
+    """Document-forwards of the search so far (baselines on every document, each candidate on
+    the documents it reached), whether computed in this launch or read back on resume."""
+    return baselines * documents + sum(len(nll) for nll in state.partial.values())
 
 
 def _logged_scores(logs) -> dict[str, float]:
@@ -315,17 +337,28 @@ def _logged_scores(logs) -> dict[str, float]:
                 entry = json.loads(line)
             except json.JSONDecodeError:  # empty, or cut by a kill: scored again
                 continue
-            known[entry["key"]] = math.inf if entry["score"] is None else entry["score"]
+            known[entry["key"]] = _from_log(entry["score"])
     return known
 
 
+def _from_log(score):
+    """A logged score back: null (a non-finite score) -> inf, per-document lists element-wise."""
+    if isinstance(score, list):
+        return [_from_log(x) for x in score]
+    return math.inf if score is None else score
+
+
 def write_outputs(config, out_dir: Path, state, space, geometry, baseline_results, baselines, tcd, d10,
-                  elapsed: float, scored_here: int, heldout_results: dict[str, float] | None = None) -> dict[str, Any]:
+                  elapsed: float, scored_here: int, answer_counts: list[int],
+                  heldout_results: dict[str, float] | None = None) -> dict[str, Any]:
     from longrope2.rope.scaling import RopeScaling
     from longrope2.search import evolution as evo
+    from longrope2.search.halving import needle_ppl
 
     champion, value = evo.best(state)
     scaling = RopeScaling.from_factors(geometry, config.target_length, champion.factors(space))
+    search_docs = config.needle.documents * len(config.needle.depths)
+    heldout_docs = config.needle.heldout_documents * len(config.needle.heldout_depths)
     result = {
         "target_length": config.target_length,
         "original_length": geometry.original_max_position_embeddings,
@@ -337,13 +370,16 @@ def write_outputs(config, out_dir: Path, state, space, geometry, baseline_result
         "attention_factor": scaling.resolved_attention_factor,
         "heldout": None if heldout_results is None else {
             "needle_ppl": heldout_results,
-            "documents": config.needle.heldout_documents * len(config.needle.heldout_depths),
+            "documents": heldout_docs,
             "depths": config.needle.heldout_depths,
             "seed": config.needle.heldout_seed,
         },
         "needle_ppl": value,  # in-sample: the best candidate on the documents it was selected on
         "baselines_needle_ppl": baseline_results,
-        "evaluations": len(state.scores),
+        "evaluations": len(state.scored_in),
+        "stopped_early": len(state.scored_in) - len(state.scores),
+        "document_forwards": document_forwards(state, len(baselines), search_docs) + (
+            0 if heldout_results is None else len(heldout_results) * heldout_docs),
         "generations": state.generation,
         "seconds": elapsed,
     }
@@ -354,12 +390,16 @@ def write_outputs(config, out_dir: Path, state, space, geometry, baseline_result
     _atomic_write(out_dir / "rope_config.rope_scaling.json", json.dumps(fixed.to_hf_config("rope_scaling"), indent=1))
     with open(out_dir / "history.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["generation", "critical_dim", "needle_ppl", "upper_factors"])
-        for cand, score in state.scores.items():
-            writer.writerow([state.scored_in[cand], cand.critical_dim, score,
+        writer.writerow(["generation", "critical_dim", "needle_ppl", "documents", "upper_factors"])
+        for cand, generation in state.scored_in.items():
+            if cand in state.scores:
+                score, reached = state.scores[cand], search_docs
+            else:  # stopped at a rung: its needle-PPL on the documents it reached
+                nll = state.partial[cand]
+                score, reached = needle_ppl(nll, answer_counts), len(nll)
+            writer.writerow([generation, cand.critical_dim, score, reached,
                              " ".join(f"{u * space.grid:.2f}" for u in cand.upper)])
     searched = f"LongRoPE2 (searched, d_rcd = {champion.critical_dim})"
-    search_docs = config.needle.documents * len(config.needle.depths)
     if heldout_results is not None:
         held = result["heldout"]
         rows = [f"| {name} | {heldout_results[name]:.4f} | {ppl:.4f} |" for name, ppl in baseline_results.items()]
@@ -377,8 +417,11 @@ def write_outputs(config, out_dir: Path, state, space, geometry, baseline_result
     table = "\n".join([
         f"# LongRoPE2 search: {config.target_length} tokens (original window {geometry.original_max_position_embeddings})",
         "",
-        f"{len(config.baselines)} baselines and {len(state.scores)} candidates over {state.generation} generations "
-        f"on {search_docs} needle documents, {elapsed / 60:.1f} min.",
+        f"{len(config.baselines)} baselines and {len(state.scored_in)} candidates over {state.generation} generations "
+        f"on {search_docs} needle documents, {elapsed / 60:.1f} min; {result['document_forwards']:,} "
+        f"document-forwards" + (f" ({result['stopped_early']} candidates stopped early by successive halving, "
+                                f"rungs {config.halving.rungs}, margin {config.halving.margin:g})"
+                                if config.halving.rungs else "") + ".",
         "",
         *header,
         *rows,

@@ -108,33 +108,48 @@ class NeedleScorer:
         # clone: megatron divides the returned loss in place by the number of micro-batches
         return total, {"nll_sum": total.detach().clone(), "count": torch.tensor(float(labels.numel()), device=total.device)}
 
+    @property
+    def answer_counts(self) -> list[int]:
+        """Answer tokens of each document (the same for every candidate)."""
+        return [int(sum(doc.inputs_and_labels()[2])) for doc in self.documents]
+
     @torch.no_grad()
-    def answer_nll(self) -> tuple[float, int]:
-        """Sum of answer-token NLL and their count over all documents (the same on every rank of
-        this worker)."""
+    def document_nll(self, start: int = 0, stop: int | None = None) -> list[float]:
+        """Answer-token NLL sum of each document ``[start, stop)`` under the current candidate
+        (the same on every rank of this worker); the documents are one schedule call, so a
+        pipeline overlaps them as micro-batches."""
+        documents = self.documents[start:stop]
         self.model.eval()
         outputs = get_forward_backward_func()(
             forward_step_func=self._forward_step,
-            data_iterator=iter([self._batch(doc) for doc in self.documents]),
+            data_iterator=iter([self._batch(doc) for doc in documents]),
             model=[self.model],
-            num_microbatches=len(self.documents),
+            num_microbatches=len(documents),
             seq_length=self.seq_length,  # the full length: the schedule divides it by CP for its buffers
             micro_batch_size=1,
             forward_only=True,
         )
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(len(documents), dtype=torch.float64, device=self.device)
         # Only the last stage has losses, and its TP ranks hold identical copies: count one.
         if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-            for out in outputs:
-                totals[0] += out["nll_sum"].double()
-                totals[1] += out["count"].double()
+            for i, out in enumerate(outputs):
+                totals[i] = out["nll_sum"].double()
         for group in (parallel_state.get_context_parallel_group(), parallel_state.get_model_parallel_group()):
             if torch.distributed.get_world_size(group) > 1:
                 torch.distributed.all_reduce(totals, group=group)
-        return totals[0].item(), int(totals[1].item())
+        return totals.tolist()
+
+    def answer_nll(self) -> tuple[float, int]:
+        """Sum of answer-token NLL and their count over all documents."""
+        return math.fsum(self.document_nll()), sum(self.answer_counts)
 
     def score(self, scaling: RopeScaling | None) -> float:
-        """Needle-driven perplexity of ``scaling`` (``None``: the original RoPE)."""
+        """Needle-driven perplexity of ``scaling`` (``None``: the original RoPE) on every document."""
         self.set_candidate(scaling)
         nll, count = self.answer_nll()
         return math.exp(nll / count) if count else math.inf
+
+    def score_documents(self, scaling: RopeScaling | None, start: int, stop: int) -> list[float]:
+        """Per-document answer NLL of ``scaling`` on documents ``[start, stop)`` (successive halving)."""
+        self.set_candidate(scaling)
+        return self.document_nll(start, stop)
