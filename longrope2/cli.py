@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output-dir", help="override the config's output_dir")
     search.add_argument("--checkpoint", help="override the config's checkpoint (HF folder, .gguf, smollm2)")
     search.add_argument("--resume", action="store_true", help="continue the search in output_dir")
-    add_dry_run_args(search)
+    add_dry_run_args(search, search=True)
     search.set_defaults(func=cmd_search)
 
     prepare = verbs.add_parser("prepare-data", help="tokenize text/JSONL/parquet (default: the embedded books) "

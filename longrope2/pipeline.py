@@ -643,9 +643,11 @@ def _barrier_on_files(folder: Path, rank: int) -> None:
 # --- dry run ----------------------------------------------------------------------------------------
 
 
-def dry_run_lines(plan: Plan, world: int, gpus_per_node: Optional[int], gpu_memory_gib: float) -> tuple[list[str], bool]:
-    """Every stage's plan, as text; and whether every distributed stage fits in memory."""
-    from longrope2.train.plan import plan_search, plan_train
+def dry_run_lines(plan: Plan, world: int, gpus_per_node: Optional[int], gpu_memory_gib: float,
+                  eta_args=None) -> tuple[list[str], bool]:
+    """Every stage's plan, as text; and whether every distributed stage fits in memory.
+    ``eta_args``: the parsed ``--gpu-tflops``/``--mfu``/``--probe`` flags for the search's ETA."""
+    from longrope2.train.plan import plan_search, plan_train, throughputs_from_args
 
     lines = [f"pipeline {plan.config.output_dir}: {' -> '.join(plan.stages)} ({world} ranks for the distributed stages)"]
     fits = True
@@ -681,7 +683,8 @@ def dry_run_lines(plan: Plan, world: int, gpus_per_node: Optional[int], gpu_memo
             search = copy.copy(search)
             search.checkpoint, search.model = None, plan.pretrain.model
         try:
-            text, memory = plan_search(search, world, gpus_per_node, gpu_memory_gib)
+            rates = throughputs_from_args(eta_args, search) if eta_args is not None else None
+            text, memory = plan_search(search, world, gpus_per_node, gpu_memory_gib, rates)
             fits &= memory.fits
             lines += ["  " + line for line in text]
         except (ValueError, FileNotFoundError) as error:
@@ -794,7 +797,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     which.add_argument("--from", dest="start", metavar="STAGE", choices=STAGES,
                        help="re-run this stage and every later one (their outputs are removed first)")
     which.add_argument("--only", metavar="STAGE", choices=STAGES, help="re-run only this stage")
-    add_dry_run_args(parser)
+    add_dry_run_args(parser, search=True)
     args = parser.parse_args(argv)
     try:
         config = PipelineConfig.from_yaml(args.config)
@@ -802,7 +805,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             world = resolve_world_size(args.nodes, args.gpus_per_node, args.world_size) \
                 if (args.nodes or args.world_size) else config.nproc_per_node
-            lines, fits = dry_run_lines(plan, world, args.gpus_per_node, args.gpu_memory_gib)
+            lines, fits = dry_run_lines(plan, world, args.gpus_per_node, args.gpu_memory_gib, args)
             print("\n".join(lines))
             return 0 if fits else 1
         execute(plan, start=args.start, only=args.only)

@@ -177,3 +177,59 @@ def test_micro_batch_flops_count_each_packed_document_alone():
     assert long == 8192 * cfg.flops_per_token(8192)
     attention = 6 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim
     assert long - packed == pytest.approx(attention * (8192**2 - 4 * 2048**2))
+
+
+def test_forward_flops_follow_the_2n_rule_plus_causal_attention():
+    """Kaplan et al.'s forward cost: 2 x (non-embedding parameters) per token, plus causal
+    attention 2 x layers x heads x head_dim x length per token; the scorer's LM head runs only
+    at the answer positions."""
+    cfg = ModelConfig.from_name("llama3_8b")
+    embedding = cfg.vocab_size * cfg.hidden_size * 2  # untied: input embedding and LM head
+    non_embedding = cfg.num_parameters() - embedding
+    attention = 2 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * 131072
+    lm_head = 2 * cfg.vocab_size * cfg.hidden_size
+    assert cfg.forward_flops(131072, lm_head_tokens=10) == pytest.approx(
+        131072 * (2 * non_embedding + attention) + 10 * lm_head, rel=1e-6)
+    assert cfg.forward_flops(4096) == pytest.approx(cfg.flops_per_token(4096) / 3 * 4096)
+
+
+def _eta_minutes(out: str, marker: str) -> float:
+    line = next(line for line in out.splitlines() if marker in line)
+    value, unit = line.split()[:2]
+    return float(value) * {"s": 1 / 60, "min": 1, "h": 60}[unit]
+
+
+def test_search_dry_run_eta_in_the_papers_setting(capsys):
+    """LLaMA3-8B at 128k on 64 GPUs (the paper's search budget, 1,344 candidates + 4 baselines
+    on 10 documents): the ETA is the FLOPs over the stated rate, inversely proportional to the
+    MFU and to the GPUs."""
+    args = ["pipeline", "--config", str(ROOT / "configs/pipeline/llama3_8b_128k.yaml"), "--dry-run",
+            "--nodes", "8", "--gpus-per-node", "8"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "1348 candidates (64 initial + 40 x 32 + 4 baselines) x 10 documents" in out
+    cfg = ModelConfig.from_name("llama3_8b")
+    expected = 13_500 * cfg.forward_flops(131072, lm_head_tokens=10) / (64 * 989e12 * 0.25) / 60
+    at_25 = _eta_minutes(out, "MFU (stated")
+    assert at_25 == pytest.approx(expected, abs=0.5)
+    assert cli_main([*args, "--mfu", "0.5"]) == 0
+    assert _eta_minutes(capsys.readouterr().out, "MFU (stated") == pytest.approx(at_25 / 2, abs=0.5)
+    assert cli_main([*args[:-4], "--nodes", "4", "--gpus-per-node", "8"]) == 0
+    assert _eta_minutes(capsys.readouterr().out, "MFU (stated") == pytest.approx(at_25 * 2, rel=0.02)
+
+
+def test_search_dry_run_probe_measures_this_machine(capsys):
+    rc = cli_main(["search", "--config", str(ROOT / "configs/search/tiny.yaml"), "--dry-run", "--world-size", "1",
+                   "--probe", "--probe-tokens", "256"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(line for line in out.splitlines() if "--probe:" in line)
+    assert "float32, one layer at 256 tokens" in line and _eta_minutes(out, "--probe:") > 0
+
+
+def test_search_dry_run_says_halving_makes_the_count_an_upper_bound(tmp_path, capsys):
+    config = tmp_path / "search.yaml"
+    config.write_text((ROOT / "configs/search/tiny.yaml").read_text() + "halving: {rungs: [1]}\n")
+    assert cli_main(["search", "--config", str(config), "--dry-run", "--world-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "at most " in out and "successive halving after documents [1] (margin 0.1)" in out

@@ -153,6 +153,13 @@ class ModelConfig:
         attention = self.num_layers * self.num_attention_heads * self.head_dim * seq_len
         return 6.0 * (matmul_params + attention)
 
+    def forward_flops(self, seq_len: int, lm_head_tokens: int | None = None) -> float:
+        """Forward FLOPs of one sequence of ``seq_len`` tokens (a third of training's, same
+        convention), with the LM head at ``lm_head_tokens`` positions only (None: every token)."""
+        lm_head = 2.0 * self.vocab_size * self.hidden_size
+        full = self.flops_per_token(seq_len) / 3 * seq_len
+        return full - lm_head * (seq_len - (seq_len if lm_head_tokens is None else lm_head_tokens))
+
     def flops(self, document_lengths) -> float:
         """Training FLOPs of one micro-batch whose documents (attention segments) have these
         lengths: ``sum(n * flops_per_token(n))``, so a packed micro-batch counts each document's

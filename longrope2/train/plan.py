@@ -30,6 +30,7 @@ Allocator fragmentation is not modelled: the verdict is "fits" up to 90% of the 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -297,9 +298,12 @@ def _search_model(config):
                      "(an HF folder with config.json, or smollm2)")
 
 
-def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_gib: float = 80.0):
-    """(text lines, Memory) of a ``SearchConfig``: workers, candidates, scored tokens, and the
-    forward-only memory of one worker rank (weights + one layer's live activations)."""
+def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_gib: float = 80.0,
+                throughputs: Optional[list["Throughput"]] = None):
+    """(text lines, Memory) of a ``SearchConfig``: workers, candidates, scored tokens, the ETA
+    at each of ``throughputs`` (default: the stated GPU rate), and the forward-only memory of one
+    worker rank (weights + one layer's live activations)."""
+    throughputs = throughputs or [stated_throughput()]
     from longrope2.parallel.layout import ParallelDims
 
     model = _search_model(config)
@@ -326,14 +330,28 @@ def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_
     lines = [f"dry run (search): {model.name} ({model.num_parameters() / 1e9:.2f}B parameters), "
              f"needle documents of {config.target_length:,} tokens, {config.dtype}"]
     lines += _layout_lines(dims, world, gpus_per_node)
+    halving = config.halving
+    bound = "at most " if halving.rungs else ""
     lines += [
         "work:",
-        f"  {dims.dp} workers pull candidates from a shared counter; at most {candidates} candidates "
+        f"  {dims.dp} workers pull candidates from a shared counter; {candidates} candidates "
         f"({ev.population_size} initial + {ev.iterations} x {ev.mutants + ev.crossovers} + "
         f"{len(config.baselines)} baselines) x {documents} documents",
         f"  then the best and the baselines on held-out documents: {heldout} document-forwards",
-        f"  {forwards:,} document-forwards, {tokens:,} forward tokens in all, about {tokens // dims.dp:,} per worker",
+        f"  {bound}{forwards:,} document-forwards, {bound}{tokens:,} forward tokens in all, about "
+        f"{tokens // dims.dp:,} per worker",
     ]
+    if halving.rungs:
+        lines.append(f"  successive halving after documents {halving.rungs} (margin {halving.margin:g}) stops "
+                     "hopeless candidates early: the real count is lower")
+    # 10 answer tokens per document is generous (RULER-style 7-digit numbers are 7-8 tokens)
+    flops = forwards * model.forward_flops(config.target_length, lm_head_tokens=10)
+    per_worker = dims.tp * dims.pp * dims.cp
+    lines.append(f"cost: {flops / 1e15:,.1f} PFLOP of forwards; ETA with every worker busy and ideal "
+                 f"scaling over its {per_worker} GPU{'s' if per_worker > 1 else ''}:")
+    for rate in throughputs:
+        seconds = search_seconds(model, config.target_length, forwards, rate) / (dims.dp * per_worker)
+        lines.append(f"  {_duration(seconds)} at {rate.source}")
     e = _dtype_bytes(config.dtype)
     params = max(stage_parameters(model, dims.tp, dims.pp))
     local = config.target_length // dims.cp
@@ -349,17 +367,123 @@ def plan_search(config, world: int, gpus_per_node: Optional[int] = None, device_
     return lines, memory
 
 
+# --- search cost: FLOPs and throughput --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Achieved FLOP/s of one device on a decoder layer's matmuls and on causal attention."""
+
+    linear: float
+    attention: float
+    source: str
+
+
+def stated_throughput(tflops: float = 989.0, mfu: float = 0.25) -> Throughput:
+    """A GPU's dense peak (H100 SXM bf16: 989 TFLOP/s; A100: 312) at a model FLOPs utilisation;
+    25% is what nnScaler's published LLaMA3-8B 128k training reaches (``../shared/DESIGN.md``);
+    a forward-only prefill usually does better, so the ETA errs long."""
+    rate = tflops * 1e12 * mfu
+    return Throughput(rate, rate, f"{tflops:g} TFLOP/s per GPU x {mfu:.0%} MFU (stated: --gpu-tflops, --mfu)")
+
+
+def probe_throughput(model, dtype: str, tokens: int = 1024) -> Throughput:
+    """Measured here: one decoder layer of ``model``'s shapes (random weights) at ``tokens``
+    tokens on this machine's device (the GPU if there is one), its matmuls and its causal SDPA
+    timed apart, the faster of two runs after a warm-up. Norms, rotary and the rest are left
+    out, so the ETA errs short by their share."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind = getattr(torch, dtype)
+    h, f, heads, kv, d = model.hidden_size, model.ffn_hidden_size, model.num_attention_heads, \
+        model.num_query_groups, model.head_dim
+    shapes = [(heads * d, h), (2 * kv * d, h), (h, heads * d), (2 * f, h), (h, f)]
+    weights = [torch.randn(shape, dtype=kind, device=device) * 0.02 for shape in shapes]
+    x = torch.randn(tokens, h, dtype=kind, device=device)
+    q = torch.randn(1, heads, tokens, d, dtype=kind, device=device)
+    k, v = (torch.randn(1, kv, tokens, d, dtype=kind, device=device) for _ in range(2))
+
+    def linear():
+        projected = F.linear(x, weights[0])  # q; it also stands in for the attention output
+        F.linear(x, weights[1])
+        F.linear(projected, weights[2])
+        F.linear(F.linear(x, weights[3])[:, :f], weights[4])
+
+    def attention():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    def seconds(fn) -> float:
+        best = math.inf
+        for run in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if run:  # the first run is the warm-up
+                best = min(best, time.perf_counter() - start)
+        return best
+
+    with torch.no_grad():
+        linear_flops = 2.0 * tokens * sum(a * b for a, b in shapes)
+        attention_flops = 2.0 * heads * d * tokens * tokens
+        rate = Throughput(linear_flops / seconds(linear), attention_flops / seconds(attention), "")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU"
+    return Throughput(rate.linear, rate.attention,
+                      f"the rate measured here (--probe: {name}, {dtype}, one layer at {tokens:,} tokens: "
+                      f"matmuls {rate.linear / 1e9:,.0f} GFLOP/s, attention {rate.attention / 1e9:,.0f} GFLOP/s)")
+
+
+def search_seconds(model, target_length: int, forwards: int, rate: Throughput) -> float:
+    """Device-seconds of ``forwards`` needle documents: matmul FLOPs at ``rate.linear``,
+    causal attention FLOPs (quadratic in the length) at ``rate.attention``."""
+    attention = 2.0 * model.num_layers * model.num_attention_heads * model.head_dim * target_length**2
+    linear = model.forward_flops(target_length, lm_head_tokens=10) - attention
+    return forwards * (linear / rate.linear + attention / rate.attention)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # --- the command line -----------------------------------------------------------------------------
 
 
-def add_dry_run_args(parser: argparse.ArgumentParser) -> None:
+def add_dry_run_args(parser: argparse.ArgumentParser, search: bool = False) -> None:
     group = parser.add_argument_group("dry run (no model, no process group)")
+    if search:
+        group.add_argument("--gpu-tflops", type=float, default=989.0,
+                           help="dry run: dense peak TFLOP/s per GPU for the ETA (default 989, H100 bf16; A100 312)")
+        group.add_argument("--mfu", type=float, default=0.25, help="dry run: model FLOPs utilisation (default 0.25)")
+        group.add_argument("--probe", action="store_true",
+                           help="dry run: also an ETA from one layer timed on this machine (seconds)")
+        group.add_argument("--probe-tokens", type=int, default=1024, help="dry run: tokens of the probe layer")
     group.add_argument("--dry-run", action="store_true",
                        help="print the layout, micro-batch plan and per-GPU memory estimate, then exit")
     group.add_argument("--nodes", type=int, help="dry run: nodes (default: WORLD_SIZE or Slurm's environment)")
     group.add_argument("--gpus-per-node", type=int, help="dry run: GPUs per node")
     group.add_argument("--world-size", type=int, help="dry run: total GPUs (instead of --nodes/--gpus-per-node)")
     group.add_argument("--gpu-memory-gib", type=float, default=80.0, help="dry run: device memory (default 80)")
+
+
+def throughputs_from_args(args: argparse.Namespace, search_config) -> list[Throughput]:
+    """The ETA rates a search dry run asked for: the stated GPU rate, and the probe with ``--probe``."""
+    if not (args.gpu_tflops > 0 and 0 < args.mfu <= 1 and args.probe_tokens > 0):
+        raise ValueError(f"--gpu-tflops must be > 0, --mfu in (0, 1], --probe-tokens > 0; got "
+                         f"{args.gpu_tflops:g}, {args.mfu:g}, {args.probe_tokens}")
+    rates = [stated_throughput(args.gpu_tflops, args.mfu)]
+    if args.probe:
+        rates.append(probe_throughput(_search_model(search_config), search_config.dtype, args.probe_tokens))
+    return rates
 
 
 def dry_run(kind: str, args: argparse.Namespace) -> int:
@@ -384,7 +508,8 @@ def dry_run(kind: str, args: argparse.Namespace) -> int:
             if getattr(args, "checkpoint", None):
                 overrides["checkpoint"] = args.checkpoint
             config = SearchConfig.from_yaml(args.config, overrides)
-            lines, memory = plan_search(config, world, args.gpus_per_node, args.gpu_memory_gib)
+            lines, memory = plan_search(config, world, args.gpus_per_node, args.gpu_memory_gib,
+                                        throughputs_from_args(args, config))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
