@@ -140,9 +140,36 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_mix(args: argparse.Namespace) -> int:
+    from longrope2.data.mix import MANIFEST as MANIFEST_NAME, MixConfig, run_mix
+
+    config = MixConfig.from_yaml(args.config)
+    manifest = run_mix(config, workers=args.workers, shard_index=args.shard_index, num_shards=args.num_shards)
+    if manifest is None:
+        print(f"{config.output}: this task's shards are done; the merge waits for the other tasks' shards")
+        return 0
+    for name, bucket in manifest["buckets"].items():
+        budget = "all" if bucket["budget"] is None else f"{bucket['budget']:,}"
+        print(f"{config.output}/{name}.bin/.idx: {bucket['documents']:,} documents, {bucket['tokens']:,} tokens "
+              f"(budget {budget}; {bucket['min_tokens']:,}..{bucket['max_tokens']:,} tokens each)")
+    print(f"{config.output}/{MANIFEST_NAME}: {manifest['tokens']:,} tokens, short fraction "
+          f"{manifest['short_fraction']:.3f} (documents <= {manifest['window']:,} tokens)")
+    for name, missing in manifest["shortfall"].items():
+        print(f"warning: {name}: the inputs fell {missing:,} tokens short of the budget", file=sys.stderr)
+    return 0
+
+
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    """Tokenize corpora (default: the embedded books) into a megatron indexed dataset."""
+    """Tokenize corpora (default: the embedded books) into a megatron indexed dataset, or a
+    data-mix config into length buckets."""
     from longrope2.data.prepare import PrepareConfig, run_prepare
+
+    if args.config:
+        if args.inputs or args.output or args.tokenizer:
+            raise ValueError("prepare-data --config takes its inputs, output and tokenizer from the config")
+        return _prepare_mix(args)
+    if not (args.output and args.tokenizer):
+        raise ValueError("prepare-data needs --output and --tokenizer (or --config MIX.yaml)")
 
     config = PrepareConfig(output=args.output, tokenizer=args.tokenizer, inputs=list(args.inputs),
                            train_tokenizer=args.train_tokenizer, min_doc_tokens=args.min_doc_tokens,
@@ -243,8 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "into a megatron indexed dataset (.bin/.idx)")
     prepare.add_argument("inputs", nargs="*", help=".txt books, .jsonl/.parquet records with a text field, folders, "
                          "or embedded:NAME (one embedded book, e.g. embedded:emma)")
-    prepare.add_argument("--output", required=True, help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    prepare.add_argument("--tokenizer", required=True, help="hashed-words:VOCAB, smollm2, or an HF tokenizer path/.gguf "
+    prepare.add_argument("--config", help="a data-mix YAML (configs/data/): length buckets with token budgets "
+                         "per source, into one dataset per bucket and a manifest (instead of inputs/--output)")
+    prepare.add_argument("--workers", type=int, default=1, help="--config: tokenizing processes (default 1)")
+    prepare.add_argument("--shard-index", type=int, default=0, help="--config: this task's share of the shards "
+                         "(k %% --num-shards == --shard-index), e.g. $SLURM_ARRAY_TASK_ID")
+    prepare.add_argument("--num-shards", type=int, default=1, help="--config: tasks sharing the work")
+    prepare.add_argument("--output", help="dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    prepare.add_argument("--tokenizer", help="hashed-words:VOCAB, smollm2, or an HF tokenizer path/.gguf "
                          "(with --train-tokenizer: the folder to write)")
     prepare.add_argument("--train-tokenizer", type=int, metavar="VOCAB", help="first train a sentencepiece BPE "
                          "tokenizer of VOCAB pieces on the inputs, into the --tokenizer folder (reused if present)")

@@ -30,8 +30,11 @@ def from_dict(cls: type[T], values: Mapping[str, Any] | None, source: str = "con
     hints = typing.get_type_hints(cls)
     for name, value in values.items():
         hint = _section_type(hints.get(name))
+        many = _sections_type(hints.get(name))
         if hint is not None and isinstance(value, Mapping):
             values[name] = from_dict(hint, value, f"{source}.{name}")
+        elif many is not None:
+            values[name] = _sections(many, value, f"{source}.{name}")
         elif hint is None and name in hints:
             values[name] = _checked(value, hints[name], f"{source}.{name}")
     try:
@@ -70,6 +73,27 @@ def _section_type(hint: Any) -> type | None:
     if len(args) == 1 and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
         return args[0]
     return None
+
+
+def _sections_type(hint: Any) -> tuple[type, type] | None:
+    """``(list, Section)`` for ``list[Section]``, ``(dict, Section)`` for ``dict[str, Section]``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return list, args[0]
+    if typing.get_origin(hint) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return dict, args[1]
+    return None
+
+
+def _sections(kind: tuple[type, type], value: Any, where: str):
+    container, section = kind
+    if container is list:
+        if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+            raise ValueError(f"{where}: expected a list of {section.__name__} sections, got {value!r}")
+        return [from_dict(section, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise ValueError(f"{where}: expected NAME: {section.__name__} sections, got {value!r}")
+    return {str(k): from_dict(section, v, f"{where}.{k}") for k, v in value.items()}
 
 
 def load_yaml(cls: type[T], path: str | Path, section: str | None = None,

@@ -43,6 +43,17 @@ output_dir: out
 search: {target_length: 1024}
 """
 
+MIX = """\
+output: out/mix
+tokenizer: hashed-words:512
+window: 256
+buckets:
+  short: {min_tokens: 1, max_tokens: 256}
+  long: {min_tokens: 300, max_tokens: 4096}
+sources:
+  - {name: books, paths: [embedded:emma], budgets: {long: 1000}}
+"""
+
 # (id, files to create {name: text}, argv, fragments the one line must contain)
 CASES = [
     # --- inspect / factors: the RoPE geometry ---------------------------------------------
@@ -124,6 +135,15 @@ CASES = [
       "512", "--max-doc-tokens", "64"], ["min_doc_tokens", "512", "64"]),
     ("prepare-unknown-embedded", {}, ["prepare-data", "embedded:no_such_book", "--output", "out/data",
                                       "--tokenizer", "hashed-words:512"], ["no_such_book"]),
+    ("prepare-no-output", {"book.txt": "words " * 100}, ["prepare-data", "book.txt", "--tokenizer", "hashed-words:8"],
+     ["--output", "--config"]),
+    ("mix-overlapping-buckets", {"m.yaml": MIX.replace("min_tokens: 300", "min_tokens: 200")},
+     ["prepare-data", "--config", "m.yaml"], ["short", "long", "overlap"]),
+    ("mix-unknown-bucket", {"m.yaml": MIX.replace("{long: 1000}", "{medium: 1000}")},
+     ["prepare-data", "--config", "m.yaml"], ["books", "medium"]),
+    ("mix-missing-file", {"m.yaml": MIX.replace("embedded:emma", "no/such/*.jsonl")},
+     ["prepare-data", "--config", "m.yaml"], ["books", "no/such/*.jsonl"]),
+    ("mix-with-inputs", {"m.yaml": MIX}, ["prepare-data", "--config", "m.yaml", "book.txt"], ["--config", "inputs"]),
     # --- train --------------------------------------------------------------------------------
     ("train-missing-config", {}, ["train", "--config", "nope.yaml"], ["nope.yaml", "not found"]),
     ("train-yaml-syntax", {"t.yaml": TINY_TRAIN + "optim: {lr: [1\n"}, ["train", "--config", "t.yaml"],

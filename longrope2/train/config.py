@@ -33,16 +33,21 @@ class RopeConfig:
 @dataclass(kw_only=True)
 class DataConfig:
     paths: list[str] = field(default_factory=list)
-    """Indexed dataset prefixes (PREFIX.bin/.idx from ``longrope2 prepare-data``); empty = the
-    embedded books, tokenized with ``tokenizer`` into ``<output_dir>/data`` on first use."""
+    """Indexed dataset prefixes (PREFIX.bin/.idx from ``longrope2 prepare-data``); empty (and no
+    ``manifest``) = the embedded books, tokenized with ``tokenizer`` into ``<output_dir>/data``
+    on first use."""
+    manifest: Optional[str] = None
+    """A data mix (``prepare-data --config MIX.yaml``): its folder or manifest.json; its bucket
+    datasets are the paths and its short token fraction the default ``short_fraction``."""
     tokenizer: str = "hashed-words:512"
     """For the embedded books only: ``hashed-words:VOCAB``, ``smollm2`` or an HF tokenizer path."""
     min_doc_tokens: int = 32
     """For the embedded books only: their documents' token lengths are log-uniform in this range."""
     max_doc_tokens: int = 4096
-    short_fraction: float = 0.2
+    short_fraction: Optional[float] = None
     """Fraction of tokens (= of micro-batches) from short documents packed with the original
-    RoPE (paper: 1B of 10B tokens from Fineweb-Edu, plus short documents of the other sources)."""
+    RoPE (paper: 1B of 10B tokens from Fineweb-Edu, plus short documents of the other sources);
+    None = the manifest's with ``manifest``, else 0.2."""
     seed: int = 1234
     pad_multiple: Optional[int] = None
     """Pad each packed short document to a multiple of this; None = ``2 * cp`` under context
@@ -50,7 +55,20 @@ class DataConfig:
     tokens a short micro-batch holds: set it to compare runs across CP sizes."""
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.short_fraction <= 1.0:
+        if self.manifest is not None:
+            from longrope2.data.mix import read_mix_manifest
+
+            if self.paths:
+                raise ValueError("data: give paths or manifest, not both")
+            try:
+                self.paths, fraction, _ = read_mix_manifest(self.manifest)
+            except FileNotFoundError:  # not built yet (a dry run on a laptop): the launch check says so
+                fraction = None
+            if self.short_fraction is None:
+                self.short_fraction = fraction
+        elif self.short_fraction is None:
+            self.short_fraction = 0.2
+        if self.short_fraction is not None and not 0.0 <= self.short_fraction <= 1.0:
             raise ValueError(f"data.short_fraction must be in [0, 1], got {self.short_fraction}")
         if self.pad_multiple is not None and (not isinstance(self.pad_multiple, int) or self.pad_multiple < 1):
             raise ValueError(f"data.pad_multiple must be a positive int, got {self.pad_multiple!r}")
@@ -129,6 +147,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.save_interval < 0:
             raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+        if self.optim.warmup_steps >= self.train_steps:  # megatron's scheduler asserts it, without a message
+            raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} must be below train_steps {self.train_steps}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
@@ -186,6 +206,10 @@ class TrainConfig:
         model_cfg = self.model_config()
         p = self.parallel
         dims = self.parallel_dims(world_size, model_cfg)
+        if self.data.manifest is not None:
+            from longrope2.data.mix import read_mix_manifest
+
+            read_mix_manifest(self.data.manifest)  # a clear error if it is not built
         if self.rope is None:
             if self.data.short_fraction != 1.0:
                 raise ValueError(f"rope: null (the original RoPE only, pre-training) needs data.short_fraction 1.0, "

@@ -251,6 +251,9 @@ def plan_train(config, world: int, gpus_per_node: Optional[int] = None, device_g
     """(text lines, Memory) of a ``TrainConfig`` on ``world`` GPUs; raises ValueError on a bad layout."""
     model = config.model_config()
     dims = config.parallel_dims(world, model)
+    if config.data.short_fraction is None:
+        raise ValueError(f"data.manifest {config.data.manifest} is not built yet, so the short fraction is unknown: "
+                         "set data.short_fraction to plan before building the mix")
     lines = [f"dry run: {model.name} ({model.num_parameters() / 1e9:.2f}B parameters), "
              f"seq_length {config.seq_length:,}, dtype {_dtype_label(config.dtype)}"]
     lines += _layout_lines(dims, world, gpus_per_node)
