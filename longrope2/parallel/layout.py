@@ -109,7 +109,7 @@ def _free_port() -> int:
 
 
 def initialize_parallel(dims: ParallelDims, backend: Optional[str] = None, seed: int = 1234,
-                        timeout_minutes: int = 30) -> ParallelDims:
+                        timeout_minutes: float = 30) -> ParallelDims:
     """Start torch.distributed (gloo on CPU, nccl on GPU), megatron's process groups and its
     RNG tracker. Under torchrun the rendezvous comes from the environment; a single process
     without one gets a private TCP store on a free port."""

@@ -135,6 +135,10 @@ class TrainConfig:
     load: Optional[str] = None
     """Start from this megatron checkpoint directory (weights only) when ``output_dir`` has none."""
     seed: int = 1234
+    collective_timeout_s: float = 1800.0
+    """A collective (all-reduce, send/recv) that waits longer than this fails the job: a node
+    whose link is cut ends the run within this time rather than hanging (torch's default is 30
+    minutes). A dead peer whose connection closes fails at once whatever this is."""
     tensorboard: bool = True
     """Write TensorBoard events if ``tensorboard`` is installed (silently skipped otherwise)."""
     peak_tflops: float = 989.0
@@ -147,6 +151,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.save_interval < 0:
             raise ValueError(f"save_interval must be >= 0, got {self.save_interval}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.optim.warmup_steps >= self.train_steps:  # megatron's scheduler asserts it, without a message
             raise ValueError(f"optim.warmup_steps {self.optim.warmup_steps} must be below train_steps {self.train_steps}")
         if self.dtype not in DTYPES:

@@ -101,7 +101,7 @@ class Trainer:
         # 2. process groups
         from longrope2.parallel import initialize_parallel
 
-        initialize_parallel(self.dims, seed=config.seed)
+        initialize_parallel(self.dims, seed=config.seed, timeout_minutes=config.collective_timeout_s / 60)
         from megatron.core import parallel_state as ps
 
         self.ps = ps

@@ -1,0 +1,181 @@
+"""Several nodes on one machine (``scripts/local_cluster.sh``: a network namespace per node with
+its own address and hostname on a private bridge): torchrun across two nodes, the c10d/gloo
+traffic going over the nodes' links, gives the single-node results. The tiny training with DP
+across the nodes (and TP inside each) has the single-node loss curve; the tiny search with one
+worker per node ends in the single-node search state; a node whose processes are killed stops
+the other one within seconds, and a cut link within the configured collective timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from torchrun import run_torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "scripts" / "local_cluster.sh"
+
+pytestmark = pytest.mark.distributed
+
+
+def _cannot_make_nodes() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None or shutil.which("nsenter") is None:
+        return "needs iproute2 (ip) and util-linux (nsenter)"
+    probe = subprocess.run(["ip", "netns", "add", "lr2probe"], capture_output=True, text=True)
+    if probe.returncode:
+        return f"network namespaces not permitted here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "lr2probe"], check=False)
+    return None
+
+
+@pytest.fixture(scope="module")
+def nodes():
+    reason = _cannot_make_nodes()
+    if reason:
+        pytest.skip(reason)
+    subprocess.run(["bash", str(CLUSTER), "up", "2"], check=True, capture_output=True)
+    try:
+        yield ["lr2n1", "lr2n2"]
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down"], check=False, capture_output=True)
+
+
+def start_on_nodes(nodes: list[str], nproc: int, script: Path, *args: str, port: int) -> list[subprocess.Popen]:
+    """One torchrun per node (static rendezvous on the first node's address), as
+    slurm/torchrun.sh starts them with srun."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0", "PYTHONWARNINGS": "ignore"}
+    procs = []
+    for rank, node in enumerate(nodes):
+        cmd = ["bash", str(CLUSTER), "exec", node, sys.executable, "-m", "torch.distributed.run",
+               f"--nnodes={len(nodes)}", f"--node-rank={rank}", f"--nproc-per-node={nproc}",
+               "--master-addr=10.77.0.1", f"--master-port={port}", str(script), *args]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[int, str]]:
+    deadline = time.time() + timeout
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"a node did not finish within {timeout:g} s:\n{out[-3000:]}")
+        results.append((proc.returncode, out))
+    return results
+
+
+def tiny_train(tmp_path: Path, name: str, **changes) -> Path:
+    config = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    config.update(output_dir=str(tmp_path / name), train_steps=4, save_interval=0)
+    for key, value in changes.items():
+        config["parallel"][key] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def curve(out: Path) -> list[tuple[float, float]]:
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(s["loss"], s["grad_norm"]) for s in steps if "loss" in s]
+
+
+@pytest.mark.parametrize("nproc, tp", [(1, 1), (2, 2)], ids=["dp2-across-nodes", "tp2-in-node-dp2-across"])
+def test_training_across_two_nodes_matches_one_node(tmp_path, nodes, nproc, tp):
+    one = tiny_train(tmp_path, "one", tp=tp)
+    proc = run_torchrun(2 * nproc, str(ROOT / "launch/train.py"), "--config", str(one), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tiny_train(tmp_path, "two", tp=tp)
+    results = wait_all(start_on_nodes(nodes, nproc, ROOT / "launch/train.py", "--config", str(two), port=29711 + tp))
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert f"dp=2" in results[0][1] and f"tp={tp}" in results[0][1]
+    assert curve(tmp_path / "two") == curve(tmp_path / "one")  # bit for bit: the same reductions, over links
+
+
+def test_search_with_one_worker_per_node_matches_one_process(tmp_path, nodes):
+    config = yaml.safe_load((ROOT / "configs/search/tiny.yaml").read_text())
+    config["needle"] = {"documents": 2, "heldout_documents": 1, "heldout_depths": [0.5]}
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch = ROOT / "launch/search.py"
+    proc = run_torchrun(1, str(launch), "--config", str(path), "--output-dir", str(tmp_path / "one"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = wait_all(start_on_nodes(nodes, 1, launch, "--config", str(path), "--output-dir", str(tmp_path / "two"),
+                                      port=29721))
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    state = [json.loads((tmp_path / d / "state.json").read_text()) for d in ("one", "two")]
+    assert state[0] == state[1]
+    # both nodes' workers scored candidates
+    assert all((tmp_path / "two" / f"scores.worker{w}.jsonl").stat().st_size > 0 for w in (0, 1))
+
+
+def _start_long_training(tmp_path, nodes, name: str, port: int, **changes) -> tuple[list[subprocess.Popen], Path]:
+    path = tiny_train(tmp_path, name)
+    config = yaml.safe_load(path.read_text())
+    config.update(train_steps=400, log_interval=1, **changes)
+    path.write_text(yaml.safe_dump(config))
+    procs = start_on_nodes(nodes, 1, ROOT / "launch/train.py", "--config", str(path), port=port)
+    metrics = tmp_path / name / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    assert procs[0].poll() is None and procs[1].poll() is None, "training ended before the fault"
+    return procs, metrics
+
+
+def _seconds_until_node1_stops(procs: list[subprocess.Popen], since: float, limit: float = 180) -> tuple[float, str]:
+    try:
+        out, _ = procs[0].communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        pytest.fail(f"node 1 still runs {limit:g} s after the fault")
+    assert procs[0].returncode != 0
+    seconds = time.time() - since
+    errors = [line.strip() for line in out.splitlines() if "Error" in line and "Traceback" not in line]
+    print(f"node 1's first error line: {errors[0] if errors else '(none)'}")
+    return seconds, out
+
+
+def test_a_killed_node_stops_the_other_within_seconds(tmp_path, nodes):
+    """Every process of node 2 is SIGKILLed mid-training (a node dying): node 1's worker fails
+    its next collective at once (gloo sees the closed connection) and its torchrun exits non-zero,
+    not after the 30-minute collective timeout."""
+    procs, _ = _start_long_training(tmp_path, nodes, "killed", 29731)
+    subprocess.run(["bash", str(CLUSTER), "kill", nodes[1]], check=True)  # torchrun's workers have their own sessions
+    stopped_after, out = _seconds_until_node1_stops(procs, time.time())
+    procs[1].communicate()
+    print(f"node 1 stopped {stopped_after:.1f} s after node 2 was killed")
+    assert stopped_after < 60, f"node 1 took {stopped_after:.0f} s to stop"
+    assert "Connection closed by peer" in out or "Connection reset by peer" in out, out[-3000:]
+
+
+def test_a_cut_link_stops_the_job_within_the_collective_timeout(tmp_path, nodes):
+    """Node 2's link goes down mid-training (no connection is closed, packets just vanish): with
+    ``collective_timeout_s: 20`` node 1 stops within about that, with gloo's timeout error."""
+    procs, _ = _start_long_training(tmp_path, nodes, "cut", 29741, collective_timeout_s=20)
+    subprocess.run(["bash", str(CLUSTER), "cut", nodes[1]], check=True)
+    try:
+        stopped_after, out = _seconds_until_node1_stops(procs, time.time())
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "heal", nodes[1]], check=True)
+        subprocess.run(["bash", str(CLUSTER), "kill", nodes[1]], check=False)
+        procs[1].communicate()
+    print(f"node 1 stopped {stopped_after:.1f} s after node 2's link was cut")
+    assert 15 < stopped_after < 90, f"node 1 stopped after {stopped_after:.0f} s"
+    assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
