@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,7 +104,7 @@ def test_training_across_two_nodes_matches_one_node(tmp_path, nodes, nproc, tp):
     results = wait_all(start_on_nodes(nodes, nproc, ROOT / "launch/train.py", "--config", str(two), port=29711 + tp))
     for code, out in results:
         assert code == 0, out[-3000:]
-    assert f"dp=2" in results[0][1] and f"tp={tp}" in results[0][1]
+    assert "dp=2" in results[0][1] and f"tp={tp}" in results[0][1]
     assert curve(tmp_path / "two") == curve(tmp_path / "one")  # bit for bit: the same reductions, over links
 
 
@@ -179,3 +180,161 @@ def test_a_cut_link_stops_the_job_within_the_collective_timeout(tmp_path, nodes)
     print(f"node 1 stopped {stopped_after:.1f} s after node 2's link was cut")
     assert 15 < stopped_after < 90, f"node 1 stopped after {stopped_after:.0f} s"
     assert "timed out" in out.lower() or "timeout" in out.lower(), out[-3000:]
+
+
+# --- real Slurm across the namespace nodes ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm2(nodes):
+    """slurmctld on the host (the bridge address), one slurmd inside each node."""
+    env = dict(os.environ, LONGROPE2_SLURM_NODES="2")
+    proc = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    if proc.returncode == 3:
+        pytest.skip(f"no local Slurm: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    conf = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "env"], capture_output=True, text=True,
+                          env=env, check=True).stdout.strip().split("=", 1)[1]
+    yield dict(os.environ, SLURM_CONF=conf)
+    subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False, env=env)
+
+
+def _sbatch(env, tmp_path: Path, script: str, config: Path, *args: str) -> tuple[str, Path, dict]:
+    from slurm_jobs import free_port
+
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    job_env = dict(env, CONFIG=str(config), NPROC_PER_NODE="1", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
+                   MASTER_PORT=str(free_port()), PYTHONWARNINGS="ignore")
+    job = subprocess.run(["sbatch", "--parsable", "--nodes", "2", "--gpus-per-node", "0", "--time", "30", *args,
+                          str(ROOT / script)], cwd=tmp_path, env=job_env, capture_output=True, text=True,
+                         check=True).stdout.strip().split(";")[0]
+    name = "midtrain" if "midtrain" in script else "search"
+    return job, tmp_path / "logs" / f"longrope2-{name}-{job}.out", job_env
+
+
+def _finish(env, job: str, log: Path, timeout: float = 400) -> str:
+    from slurm_jobs import FINISHED, job_state, wait_for
+
+    try:
+        wait_for(lambda: job_state(env, job) in FINISHED, timeout, f"job {job} to finish", log)
+    finally:
+        if job_state(env, job) not in FINISHED:
+            subprocess.run(["scancel", job], env=env, check=False)
+    return job_state(env, job)
+
+
+def _requeue_now(env, job: str) -> None:
+    """What Slurm's own requeue after a preemption or a node failure does, without its delay."""
+    from slurm_jobs import job_state, wait_for
+
+    def nodes_idle() -> bool:  # a node still completing the job would signal the requeued run's processes
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout
+        return states.split() == ["idle", "idle"]
+
+    wait_for(nodes_idle, 120, "both nodes to finish the job's clean-up")
+    subprocess.run(["scontrol", "requeue", job], env=env, check=True)
+    wait_for(lambda: job_state(env, job) == "PENDING", 60, f"job {job} to be pending")
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
+
+
+def _metrics(out: Path) -> dict[int, tuple[float, float]]:
+    """step -> (loss, grad norm); the last record of a step wins (a resumed run re-logs steps)."""
+    steps = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            steps[record["step"]] = (record["loss"], record["grad_norm"])
+    return steps
+
+
+@pytest.fixture(scope="module")
+def reference_curve(tmp_path_factory):
+    """The tiny training (40 steps, a checkpoint every 10) on one node with 2 ranks."""
+    root = tmp_path_factory.mktemp("reference")
+    path = tiny_train(root, "one")
+    config = yaml.safe_load(path.read_text())
+    config.update(train_steps=40, save_interval=10)
+    path.write_text(yaml.safe_dump(config))
+    proc = run_torchrun(2, str(ROOT / "launch/train.py"), "--config", str(path), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return path, _metrics(root / "one")
+
+
+def _two_node_config(tmp_path: Path, reference: Path) -> Path:
+    config = yaml.safe_load(reference.read_text())
+    config["output_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sbatch_two_nodes_preempted_with_sigterm_resumes_on_the_one_node_curve(slurm2, tmp_path, reference_curve):
+    """`sbatch --nodes 2 slurm/midtrain_128k.sh` (one torchrun per node through srun, c10d on the
+    first node), preempted with `scancel --signal=TERM` after its first steps: the ranks save and
+    stop, the requeued job resumes from that checkpoint, and the curve over both runs is the
+    uninterrupted one-node curve."""
+    from slurm_jobs import log_text, wait_for
+
+    reference, expected = reference_curve
+    job, log, env = _sbatch(slurm2, tmp_path, "slurm/midtrain_128k.sh", _two_node_config(tmp_path, reference))
+    wait_for(lambda: "step      3 |" in log_text(log), 300, "the third training step", log)
+    subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)  # a preemption: every step's tasks
+    # torchrun's agents exit 1 on SIGTERM once their ranks have saved, so Slurm marks the job FAILED
+    # (what Slurm's preemption requeue does not look at)
+    assert _finish(env, job, log) in ("FAILED", "COMPLETED"), log_text(log)[-3000:]
+    first = log_text(log)
+    assert "on 2 node(s) x 1 ranks, rendezvous lr2n1:" in first and "dp=2" in first
+    saved = int(re.search(r"\[train\] SIGTERM: saved step (\d+), stopping", first).group(1))
+    assert 3 <= saved < 40
+    _requeue_now(env, job)
+    assert _finish(env, job, log) == "COMPLETED", log_text(log)[-3000:]
+    second = log_text(log)[len(first):]
+    assert "(restart 1)" in second and f"at step {saved}" in second
+    assert _metrics(tmp_path / "run") == expected
+
+
+def test_sbatch_two_nodes_node_failure_then_requeue_ends_on_the_one_node_curve(slurm2, tmp_path, reference_curve):
+    """Every process of node 2 but slurmd/slurmstepd is SIGKILLed mid-job (the training dies,
+    Slurm survives): the job fails within seconds with the lost peer's address in the log, and
+    requeued it resumes from the last periodic checkpoint to the uninterrupted curve."""
+    from slurm_jobs import log_text, wait_for
+
+    reference, expected = reference_curve
+    job, log, env = _sbatch(slurm2, tmp_path, "slurm/midtrain_128k.sh", _two_node_config(tmp_path, reference))
+    wait_for(lambda: "[ckpt] saved step 10" in log_text(log), 300, "the first checkpoint", log)
+    wait_for(lambda: "step     12 |" in log_text(log), 120, "step 12", log)
+    pids = subprocess.run(["ip", "netns", "pids", "lr2n2"], capture_output=True, text=True, check=True).stdout.split()
+    # every process of the node but Slurm's own daemons: torchrun, the rank, its helpers
+    victims = [p for p in pids if not Path(f"/proc/{p}/cmdline").read_text(errors="ignore").startswith("slurm")]
+    assert victims, "no training process on lr2n2"
+    killed = time.time()
+    subprocess.run(["kill", "-9", *victims], check=False)
+    state = _finish(env, job, log, timeout=180)
+    failed_after = time.time() - killed
+    text = log_text(log)
+    assert state == "FAILED", text[-3000:]
+    assert failed_after < 90, f"the job took {failed_after:.0f} s to fail"
+    print(f"the job failed {failed_after:.1f} s after node 2's training processes were killed")
+    assert "10.77.0.2" in text, text[-3000:]
+    _requeue_now(env, job)
+    assert _finish(env, job, log) == "COMPLETED", log_text(log)[-3000:]
+    assert re.search(r"resumed from \S+iter_0000010 at step 10", log_text(log))
+    assert _metrics(tmp_path / "run") == expected
+
+
+def test_sbatch_two_nodes_search_matches_one_process(slurm2, tmp_path):
+    config = yaml.safe_load((ROOT / "configs/search/tiny.yaml").read_text())
+    config.update(output_dir=str(tmp_path / "search"),
+                  needle={"documents": 2, "heldout_documents": 1, "heldout_depths": [0.5]})
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_torchrun(1, str(ROOT / "launch/search.py"), "--config", str(path), "--output-dir",
+                        str(tmp_path / "one"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job, log, env = _sbatch(slurm2, tmp_path, "slurm/search.sh", path)
+    assert _finish(env, job, log) == "COMPLETED", log.read_text()[-3000:]
+    assert "on 2 node(s) x 1 ranks" in log.read_text()
+    state = [json.loads((tmp_path / d / "state.json").read_text()) for d in ("one", "search")]
+    assert state[0] == state[1]
+    assert all((tmp_path / "search" / f"scores.worker{w}.jsonl").stat().st_size > 0 for w in (0, 1))

@@ -11,30 +11,21 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from slurm_jobs import alive, free_port, job_state, log_text, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = os.environ.get("LONGROPE2_SLURM_DIR", "/tmp/longrope2-slurm")
 
 
-def _alive(pidfile: Path) -> bool:
-    try:
-        os.kill(int(pidfile.read_text()), 0)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.fixture(scope="module")
 def slurm_env():
     pids = [Path(SLURM_DIR) / "slurmctld.pid", Path(SLURM_DIR) / "slurmd.pid"]
-    was_running = all(_alive(p) for p in pids)
+    was_running = all(alive(p) for p in pids)
     proc = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], capture_output=True, text=True,
                           timeout=600)
     if proc.returncode == 3:
@@ -46,33 +37,6 @@ def slurm_env():
         subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _job_state(env, job: str) -> str:
-    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, env=env).stdout
-    match = re.search(r"JobState=(\S+)", out)
-    return match.group(1) if match else "UNKNOWN"
-
-
-def _wait(predicate, timeout: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
-
-
-def _log_text(log: Path) -> str:
-    return log.read_text() if log.exists() else ""
-
-
 def test_sbatch_midtrain_tiny_cpu_requeues_on_time_limit_and_resumes(slurm_env, tmp_path):
     cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     steps = 40
@@ -81,26 +45,26 @@ def test_sbatch_midtrain_tiny_cpu_requeues_on_time_limit_and_resumes(slurm_env, 
     config.write_text(yaml.safe_dump(cfg))
     (tmp_path / "logs").mkdir()
     env = dict(slurm_env, CONFIG=str(config), NPROC_PER_NODE="2", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     # the script as a user submits it; only the header's GPU cluster shape is overridden
     job = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--gpus-per-node", "0", "--time", "30",
                           str(ROOT / "slurm/midtrain_128k.sh")], cwd=tmp_path, env=env, capture_output=True,
                          text=True, check=True).stdout.strip().split(";")[0]
     log = tmp_path / "logs" / f"longrope2-midtrain-{job}.out"  # #SBATCH --output=logs/%x-%j.out
     try:
-        _wait(lambda: "step      1 |" in _log_text(log), 240, "the first training step", log)
+        wait_for(lambda: "step      1 |" in log_text(log), 240, "the first training step", log)
         # what Slurm sends 10 minutes before the time limit (--signal=B:USR1@600)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-        _wait(lambda: _job_state(env, job) == "PENDING", 120, "the job to requeue itself", log)
+        wait_for(lambda: job_state(env, job) == "PENDING", 120, "the job to requeue itself", log)
         # a requeued job is held ~2 minutes (Slurm's begin-time delay); release it now
         subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
-        _wait(lambda: _job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+        wait_for(lambda: job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
               "the requeued job to finish", log)
     finally:
-        if _job_state(env, job) in ("PENDING", "RUNNING", "REQUEUED"):
+        if job_state(env, job) in ("PENDING", "RUNNING", "REQUEUED"):
             subprocess.run(["scancel", job], env=env, check=False)
     text = log.read_text()
-    assert _job_state(env, job) == "COMPLETED", text[-3000:]
+    assert job_state(env, job) == "COMPLETED", text[-3000:]
 
     first, _, second = text.partition("(restart 1)")
     assert "(restart 0)" in first and second, text[-3000:]
@@ -169,18 +133,18 @@ def test_sbatch_search_tiny_cpu(slurm_env, tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     (tmp_path / "logs").mkdir()
     env = dict(slurm_env, CONFIG=str(config), NPROC_PER_NODE="2", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     job = subprocess.run(["sbatch", "--parsable", "--gpus-per-node", "0", "--time", "30", str(ROOT / "slurm/search.sh")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     log = tmp_path / "logs" / f"longrope2-search-{job}.out"
     try:
-        _wait(lambda: _job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
+        wait_for(lambda: job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
               "the search job to finish", log)
     finally:
-        if _job_state(env, job) in ("PENDING", "RUNNING"):
+        if job_state(env, job) in ("PENDING", "RUNNING"):
             subprocess.run(["scancel", job], env=env, check=False)
     text = log.read_text()
-    assert _job_state(env, job) == "COMPLETED", text[-3000:]
+    assert job_state(env, job) == "COMPLETED", text[-3000:]
     assert "on 1 node(s) x 2 ranks" in text and "[slurm] done (rc 0)" in text
     best = json.loads((tmp_path / "search/best.json").read_text())
     assert best["needle_ppl"] > 0 and sorted((tmp_path / "search").glob("scores.worker*.jsonl"))  # 2 workers
