@@ -126,6 +126,50 @@ def test_search_with_one_worker_per_node_matches_one_process(tmp_path, nodes):
     assert all((tmp_path / "two" / f"scores.worker{w}.jsonl").stat().st_size > 0 for w in (0, 1))
 
 
+def test_a_lost_search_node_never_hangs_the_search_and_resume_finishes_it(tmp_path, nodes):
+    """The tiny search with one worker per node loses node 2 (every process killed) mid-way.
+    Either node 2 held a candidate: node 1 stops after the pool's worker timeout (20 s here) with
+    a "rerun with --resume" message; or it held none: node 1 scores the rest alone and writes the
+    results (torchrun's exit barrier then waits for the lost agent). Either way, within a minute,
+    and after `--resume` on the remaining node the state is the uninterrupted one, nothing
+    scored twice."""
+    config = yaml.safe_load((ROOT / "configs/search/tiny.yaml").read_text())
+    config.update(worker_timeout_s=20, needle={"documents": 2, "heldout_documents": 1, "heldout_depths": [0.5]})
+    config["evolution"].update(iterations=8)
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch = ROOT / "launch/search.py"
+    proc = run_torchrun(1, str(launch), "--config", str(path), "--output-dir", str(tmp_path / "one"), timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "lost"
+    procs = start_on_nodes(nodes, 1, launch, "--config", str(path), "--output-dir", str(out), port=29751)
+    log1 = out / "scores.worker1.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log1.exists() and len(log1.read_text().splitlines()) >= 6):
+        time.sleep(0.1)
+    assert procs[0].poll() is None, "the search ended before node 2 could be lost"
+    subprocess.run(["bash", str(CLUSTER), "kill", nodes[1]], check=True)
+    lost_at = time.time()
+    while time.time() - lost_at < 90 and procs[0].poll() is None and not (out / "best.json").exists():
+        time.sleep(0.2)
+    settled_after = time.time() - lost_at
+    finished_alone = (out / "best.json").exists()
+    if procs[0].poll() is None:
+        subprocess.run(["bash", str(CLUSTER), "kill", nodes[0]], check=True)
+    text, _ = procs[0].communicate(timeout=60)
+    procs[1].communicate(timeout=60)
+    print(f"node 1 {'finished alone' if finished_alone else 'stopped'} {settled_after:.1f} s after node 2 was lost")
+    assert settled_after < 60, f"node 1 neither stopped nor finished within {settled_after:.0f} s"
+    if not finished_alone:
+        assert "rerun with --resume" in text, text[-3000:]
+    proc = run_torchrun(1, str(launch), "--config", str(path), "--output-dir", str(out), "--resume", timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "state.json").read_text()) == json.loads((tmp_path / "one" / "state.json").read_text())
+    keys = [json.loads(line)["key"] for log in out.glob("scores.worker*.jsonl") for line in log.read_text().splitlines()
+            if line.strip().endswith("}")]
+    assert len(keys) == len(set(keys))
+
+
 def _start_long_training(tmp_path, nodes, name: str, port: int, **changes) -> tuple[list[subprocess.Popen], Path]:
     path = tiny_train(tmp_path, name)
     config = yaml.safe_load(path.read_text())
@@ -145,7 +189,8 @@ def _seconds_until_node1_stops(procs: list[subprocess.Popen], since: float, limi
         out, _ = procs[0].communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(procs[0].pid, signal.SIGKILL)
-        pytest.fail(f"node 1 still runs {limit:g} s after the fault")
+        out, _ = procs[0].communicate()
+        pytest.fail(f"node 1 still runs {limit:g} s after the fault:\n{out[-3000:]}")
     assert procs[0].returncode != 0
     seconds = time.time() - since
     errors = [line.strip() for line in out.splitlines() if "Error" in line and "Traceback" not in line]
