@@ -478,6 +478,10 @@ def run_mix(config: MixConfig, workers: int = 1, shard_index: int = 0, num_shard
             for marker in pool.map(_tokenize_task, [(config, s, dtype) for s in mine]):
                 done(marker)
     bar.close()
+    if mine:
+        seconds = time.perf_counter() - started
+        print(f"[prepare] tokenized {tokens:,} tokens of {len(mine)} shards in {seconds:.1f} s "
+              f"({tokens / seconds:,.0f} tokens/s, {workers} worker{'s' if workers > 1 else ''})", file=sys.stderr)
     if not all(_marker(output, s).is_file() for s in shards):
         return None
     return merge(config, shards, vocab, tokenizer.name)

@@ -451,6 +451,8 @@ def search_seconds(model, target_length: int, forwards: int, rate: Throughput) -
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 2 * 3600:
