@@ -69,7 +69,8 @@ class CandidatePool:
     def score(self, tag: str, candidates: Sequence[object], keys: Sequence[str],
               known: dict[str, float] | None = None, on_score: Callable[[int, float], None] | None = None) -> list[float]:
         """Scores of ``candidates`` (``keys`` identify them; ``known`` scores are reused), the
-        same list on every rank. A score is what ``score_fn`` returns: a float or a list of floats. ``tag`` must be unique per call within one launch."""
+        same list on every rank. A score is what ``score_fn`` returns: a float or a list of
+        floats. ``tag`` must be unique per call within one launch."""
         known = known or {}
         count = len(candidates)
         while True:

@@ -274,6 +274,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
         base_nll = pool.score("baselines", [(s, 0, num_documents) for s in baselines.values()], base_keys, known)
         bar.update(sum(k not in known for k in base_keys))
         baseline_results = {name: halving.needle_ppl(nll, counts) for name, nll in zip(baselines, base_nll)}
+        known.update(zip(base_keys, base_nll))  # a candidate equal to a baseline is not scored again
         if rank == 0:
             bar.write("baselines: " + ", ".join(f"{k} {v:.4g}" for k, v in baseline_results.items()))
 
