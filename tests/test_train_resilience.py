@@ -5,9 +5,11 @@ run's weights, at another parallel layout."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from test_train import LAUNCH, LAYOUTS, base_config, metrics, signal_run_at_step, write
@@ -114,3 +116,35 @@ def test_sigterm_saves_stops_and_resumes_the_curve(tmp_path, data):
     for step in range(stopped_at + 1, steps + 1):
         for key in ("loss", "grad_norm", "lr"):
             assert after[step][key] == uninterrupted[step][key], (step, key, after[step], uninterrupted[step])
+
+
+def test_the_checkpoint_writers_results_queue_survives_sigterm():
+    """Slurm's preemption sends SIGTERM to every process of a job step. megatron's checkpoint
+    writer collects results through a Manager queue whose server is such a process: its own
+    queue dies of the SIGTERM (the control), the trainer's replacement ignores it, so the
+    checkpoint written on SIGTERM can still finish."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from longrope2.train import trainer
+
+    def server_pid(queue) -> int:
+        return queue._manager._process.pid
+
+    previous = filesystem_async._results_queue
+    try:
+        filesystem_async._results_queue = None
+        own = filesystem_async._get_write_results_queue()  # megatron's, as its first save makes it
+        os.kill(server_pid(own), signal.SIGTERM)
+        own._manager._process.join(10)
+        with pytest.raises((EOFError, ConnectionError, BrokenPipeError)):
+            own.put("lost")
+
+        filesystem_async._results_queue = None
+        trainer._preemption_safe_checkpoint_writer()
+        safe = filesystem_async._get_write_results_queue()
+        os.kill(server_pid(safe), signal.SIGTERM)
+        time.sleep(1)
+        safe.put("kept")
+        assert safe.get(timeout=10) == "kept"
+    finally:
+        filesystem_async._results_queue = previous

@@ -88,6 +88,34 @@ def _print0(*args) -> None:
         print(*args, flush=True)
 
 
+
+def _preemption_safe_checkpoint_writer() -> None:
+    """Give megatron's checkpoint writer a results queue whose server process ignores SIGTERM.
+
+    megatron-core's ``FileSystemWriterAsync`` collects its write results through a
+    ``multiprocessing`` Manager queue that it starts on the first save and keeps for the life of
+    the process. Slurm's preemption (and ``scancel --signal=TERM``) sends SIGTERM to every
+    process of the job step, that server included, which then dies, so the checkpoint the
+    trainer writes on SIGTERM failed ("ForkAwareLocal ... no attribute 'connection'", seen on the
+    2-node local Slurm). The same queue, started ignoring SIGTERM, survives; SIGKILL still ends it.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    global _WRITER_MANAGER
+    _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron's own queue uses
+    _WRITER_MANAGER.start(signal.signal, (signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = _WRITER_MANAGER.Queue()
+
+
+_WRITER_MANAGER = None
+"""The Manager behind that queue, kept alive for the process (collecting it would stop it)."""
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -393,6 +421,7 @@ class Trainer:
             path.mkdir(parents=True)
         dist.barrier()
         start = time.perf_counter()
+        _preemption_safe_checkpoint_writer()
         dist_checkpointing.save(self._sharded_state(is_loading=False), str(path))
         dist.barrier()
         if self.rank == 0:
