@@ -316,14 +316,16 @@ def _two_node_config(tmp_path: Path, reference: Path) -> Path:
 
 def test_sbatch_two_nodes_preempted_with_sigterm_resumes_on_the_one_node_curve(slurm2, tmp_path, reference_curve):
     """`sbatch --nodes 2 slurm/midtrain_128k.sh` (one torchrun per node through srun, c10d on the
-    first node), preempted with `scancel --signal=TERM` after its first steps: the ranks save and
-    stop, the requeued job resumes from that checkpoint, and the curve over both runs is the
+    first node), preempted with `scancel --signal=TERM` after its first periodic checkpoint: the
+    ranks save and stop, the requeued job resumes from that checkpoint, and the curve over both runs is the
     uninterrupted one-node curve."""
     from slurm_jobs import log_text, wait_for
 
     reference, expected = reference_curve
     job, log, env = _sbatch(slurm2, tmp_path, "slurm/midtrain_128k.sh", _two_node_config(tmp_path, reference))
-    wait_for(lambda: "step      3 |" in log_text(log), 300, "the third training step", log)
+    # after a periodic checkpoint, so that megatron's checkpoint writer already runs its helper process
+    wait_for(lambda: "[ckpt] saved step 10" in log_text(log), 300, "the first periodic checkpoint", log)
+    wait_for(lambda: "step     12 |" in log_text(log), 120, "step 12", log)
     subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)  # a preemption: every step's tasks
     # torchrun's agents exit 1 on SIGTERM once their ranks have saved, so Slurm marks the job FAILED
     # (what Slurm's preemption requeue does not look at)
@@ -331,7 +333,7 @@ def test_sbatch_two_nodes_preempted_with_sigterm_resumes_on_the_one_node_curve(s
     first = log_text(log)
     assert "on 2 node(s) x 1 ranks, rendezvous lr2n1:" in first and "dp=2" in first
     saved = int(re.search(r"\[train\] SIGTERM: saved step (\d+), stopping", first).group(1))
-    assert 3 <= saved < 40
+    assert 12 <= saved < 40
     _requeue_now(env, job)
     assert _finish(env, job, log) == "COMPLETED", log_text(log)[-3000:]
     second = log_text(log)[len(first):]
