@@ -273,11 +273,15 @@ def _requeue_now(env, job: str) -> None:
     """What Slurm's own requeue after a preemption or a node failure does, without its delay."""
     from slurm_jobs import job_state, wait_for
 
-    def nodes_idle() -> bool:  # a node still completing the job would signal the requeued run's processes
+    def cleaned_up() -> bool:
+        # Skipping Slurm's requeue delay must not skip its clean-up: a node still completing the job,
+        # or a step daemon of the old run still draining output, signals the new run's step (the
+        # requeued job reuses the job and step ids)
         states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout
-        return states.split() == ["idle", "idle"]
+        titles = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+        return states.split() == ["idle", "idle"] and not any(t.startswith(f"slurmstepd: [{job}.") for t in titles)
 
-    wait_for(nodes_idle, 120, "both nodes to finish the job's clean-up")
+    wait_for(cleaned_up, 180, "both nodes to finish the job's clean-up")
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
     wait_for(lambda: job_state(env, job) == "PENDING", 60, f"job {job} to be pending")
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
