@@ -20,25 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import yaml
 
+from pool_efficiency import run  # one search under torchrun -> its best.json
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(config: Path, out: Path, port: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(ROOT / "launch" / "search.py"), "--config", str(config), "--output-dir", str(out)]
-    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
-    return json.loads((out / "best.json").read_text())
 
 
 def first_document_rank_correlation(state: dict) -> float:
@@ -86,7 +75,7 @@ def main() -> None:
                     "evolution": {"seed": seed, "population_size": args.population, "iterations": args.iterations,
                                   "parents": args.population // 2, "mutants": args.population // 4,
                                   "crossovers": args.population // 4}}))
-                runs[margin if rungs else "exhaustive"] = run(config, tmp / name, 29621 + len(rows) * 4 + len(runs))
+                runs[margin if rungs else "exhaustive"] = run(config, tmp / name, 1, 29621 + len(rows) * 4 + len(runs))
             full = runs["exhaustive"]
             state = json.loads((tmp / f"exhaustive-0-{seed}" / "state.json").read_text())
             for margin in args.margins:
