@@ -9,7 +9,8 @@
 #   CONFIG            (required) the run or search YAML
 #   NPROC_PER_NODE    ranks per node (default: the node's GPUs, else 8)
 #   DEVICE            gpu (NCCL) or cpu (gloo; CUDA hidden, OMP_NUM_THREADS=1)
-#   MASTER_PORT       rendezvous port on the first node (default 29500)
+#   MASTER_PORT       rendezvous port on the first node (default: 20000-29999 from the job id
+#                     and restart count, so a requeued run never meets the last run's store)
 #   CONTAINER_IMAGE   pyxis/enroot image (e.g. an .sqsh of docker/Dockerfile); unset = bare metal
 #   CONTAINER_MOUNTS  extra mounts (src:dst[,src:dst]); the checkout is mounted at /opt/longrope2
 #   LONGROPE2_DIR     the checkout (default: the submit directory)
@@ -25,7 +26,10 @@ ROOT=${LONGROPE2_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$ROOT"
 DEVICE=${DEVICE:-gpu}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
-MASTER_PORT=${MASTER_PORT:-29500}
+RESTART=${SLURM_RESTART_COUNT:-0}
+# A requeued run often lands on the same first node while the last run's processes drain; a fresh
+# port and rendezvous id keep its agents from joining (or being refused by) the old c10d store.
+MASTER_PORT=${MASTER_PORT:-$((20000 + (SLURM_JOB_ID % 1000) * 10 + RESTART % 10))}
 # the whole list is read (no `| head -n 1`: under pipefail scontrol can die of SIGPIPE, exit 141)
 mapfile -t job_hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 MASTER_ADDR=${job_hosts[0]:?scontrol show hostnames gave no host for $SLURM_JOB_NODELIST}
@@ -63,7 +67,7 @@ fi
 
 # shellcheck disable=SC2206  # EXTRA_ARGS: words on purpose
 extra=(${EXTRA_ARGS:-})
-echo "[slurm] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${NNODES} node(s) x ${NPROC_PER_NODE} ranks," \
+echo "[slurm] job ${SLURM_JOB_ID} (restart ${RESTART}) on ${NNODES} node(s) x ${NPROC_PER_NODE} ranks," \
   "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${DEVICE}, config ${CONFIG}${CONTAINER_IMAGE:+, image $CONTAINER_IMAGE}"
 
 requeue=0
@@ -84,7 +88,7 @@ trap on_term TERM
 # in the background so that the traps run while it does
 srun "${srun_args[@]}" "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
-  --rdzv-id="$SLURM_JOB_ID" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
+  --rdzv-id="$SLURM_JOB_ID.$RESTART" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   "$ENTRY" --config "$CONFIG" "${extra[@]}" &
 pid=$!
 rc=0

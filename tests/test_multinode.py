@@ -269,6 +269,12 @@ def _finish(env, job: str, log: Path, timeout: float = 400) -> str:
     return job_state(env, job)
 
 
+def _training_processes(node: str) -> list[str]:
+    """Pids of every process in the node's network namespace but Slurm's own daemons."""
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True, check=True).stdout.split()
+    return [p for p in pids if not Path(f"/proc/{p}/cmdline").read_text(errors="ignore").startswith("slurm")]
+
+
 def _requeue_now(env, job: str) -> None:
     """What Slurm's own requeue after a preemption or a node failure does, without its delay."""
     from slurm_jobs import job_state, wait_for
@@ -279,7 +285,9 @@ def _requeue_now(env, job: str) -> None:
         # requeued job reuses the job and step ids)
         states = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True).stdout
         titles = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-        return states.split() == ["idle", "idle"] and not any(t.startswith(f"slurmstepd: [{job}.") for t in titles)
+        leftovers = [p for node in ("lr2n1", "lr2n2") for p in _training_processes(node)]
+        return (states.split() == ["idle", "idle"] and not leftovers
+                and not any(t.startswith(f"slurmstepd: [{job}.") for t in titles))
 
     wait_for(cleaned_up, 180, "both nodes to finish the job's clean-up")
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
@@ -355,9 +363,7 @@ def test_sbatch_two_nodes_node_failure_then_requeue_ends_on_the_one_node_curve(s
     job, log, env = _sbatch(slurm2, tmp_path, "slurm/midtrain_128k.sh", _two_node_config(tmp_path, reference))
     wait_for(lambda: "[ckpt] saved step 10" in log_text(log), 300, "the first checkpoint", log)
     wait_for(lambda: "step     12 |" in log_text(log), 120, "step 12", log)
-    pids = subprocess.run(["ip", "netns", "pids", "lr2n2"], capture_output=True, text=True, check=True).stdout.split()
-    # every process of the node but Slurm's own daemons: torchrun, the rank, its helpers
-    victims = [p for p in pids if not Path(f"/proc/{p}/cmdline").read_text(errors="ignore").startswith("slurm")]
+    victims = _training_processes("lr2n2")  # torchrun, the rank, its helpers
     assert victims, "no training process on lr2n2"
     killed = time.time()
     subprocess.run(["kill", "-9", *victims], check=False)

@@ -116,14 +116,14 @@ def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tm
     assert "--container-image=/shared/longrope2.sqsh" in args
     assert f"--container-mounts={ROOT}:/opt/longrope2,/data:/data" in args
     assert args[args.index("--container-workdir=/opt/longrope2") + 1:] == [
-        "python", "-m", "torch.distributed.run", "--nnodes=8", "--nproc-per-node=8", "--rdzv-id=4242",
-        "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-01:29500", "launch/train.py", "--config",
+        "python", "-m", "torch.distributed.run", "--nnodes=8", "--nproc-per-node=8", "--rdzv-id=4242.0",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-01:22420", "launch/train.py", "--config",
         "configs/llama3_8b_128k.yaml"]
     nccl = dict(line.split("=", 1) for line in (tmp_path / "args.env").read_text().split())
     assert nccl["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"  # the environment wins over the defaults
     assert nccl["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert nccl["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    assert "job 4242 (restart 0) on 8 node(s) x 8 ranks, rendezvous gpu-node-01:29500, gpu" in proc.stdout
+    assert "job 4242 (restart 0) on 8 node(s) x 8 ranks, rendezvous gpu-node-01:22420, gpu" in proc.stdout
 
 
 def test_sbatch_search_tiny_cpu(slurm_env, tmp_path):
