@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The launcher behind slurm/midtrain_128k.sh and slurm/search.sh (run inside a Slurm allocation,
 # not submitted by itself): one torchrun per node through srun, c10d rendezvous on the first
-# node, NCCL/InfiniBand settings, an optional pyxis/enroot container, and the USR1/TERM traps
-# that make the ranks checkpoint and the job requeue itself.
+# node, NCCL/InfiniBand settings, an optional container (pyxis/enroot, apptainer or podman), and
+# the USR1/TERM traps that make the ranks checkpoint and the job requeue itself.
 #
 # Environment (all optional unless marked):
 #   ENTRY             (required) launch/train.py or launch/search.py
@@ -11,7 +11,10 @@
 #   DEVICE            gpu (NCCL) or cpu (gloo; CUDA hidden, OMP_NUM_THREADS=1)
 #   MASTER_PORT       rendezvous port on the first node (default: 20000-29999 from the job id
 #                     and restart count, so a requeued run never meets the last run's store)
-#   CONTAINER_IMAGE   pyxis/enroot image (e.g. an .sqsh of docker/Dockerfile); unset = bare metal
+#   CONTAINER_IMAGE   the image of docker/Dockerfile; unset = bare metal
+#   CONTAINER_RUNTIME pyxis (default: srun --container-image, an .sqsh or docker:// image),
+#                     apptainer or singularity (exec of a .sif), podman (run of an image name;
+#                     PODMAN=docker/podman.sh where plain podman fails as on the CI machines)
 #   CONTAINER_MOUNTS  extra mounts (src:dst[,src:dst]); the checkout is mounted at /opt/longrope2
 #   LONGROPE2_DIR     the checkout (default: the submit directory)
 #   PYTHON            interpreter (default: .venv/bin/python when bare and present, else python)
@@ -25,6 +28,7 @@ set -euo pipefail
 ROOT=${LONGROPE2_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$ROOT"
 DEVICE=${DEVICE:-gpu}
+CONTAINER_RUNTIME=${CONTAINER_RUNTIME:-pyxis}
 NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 RESTART=${SLURM_RESTART_COUNT:-0}
 # A requeued run often lands on the same first node while the last run's processes drain; a fresh
@@ -54,10 +58,34 @@ export PYTHONUNBUFFERED=1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-540}
 
 srun_args=(--nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1)
+container=()  # what runs the command inside the image on each node (empty: pyxis, or bare metal)
 if [ -n "${CONTAINER_IMAGE:-}" ]; then
   # the checkout over the image's copy (its editable install): the checkout's code, configs, outputs
   mounts="$ROOT:/opt/longrope2${CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}"
-  srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir=/opt/longrope2)
+  case "$CONTAINER_RUNTIME" in
+    pyxis)
+      srun_args+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts" --container-workdir=/opt/longrope2) ;;
+    apptainer|singularity)
+      # the environment passes through as it is (apptainer's default); --nv maps the node's GPUs in
+      container=("${APPTAINER:-$CONTAINER_RUNTIME}" exec --bind "$mounts" --pwd /opt/longrope2)
+      if [ "$DEVICE" = gpu ]; then container+=(--nv); fi
+      container+=("$CONTAINER_IMAGE") ;;
+    podman)
+      # host network, hostname and IPC: the c10d store and NCCL/gloo see the node itself; SIGTERM
+      # reaches torchrun through podman's signal proxy
+      container=("${PODMAN:-podman}" run --rm --network host --uts host --ipc host -w /opt/longrope2)
+      IFS=, read -r -a pairs <<< "$mounts"
+      for pair in "${pairs[@]}"; do container+=(-v "$pair"); done
+      # the launcher's settings by name (values from each node's environment); not PATH, HOME or
+      # LONGROPE2_*, which would point at the host's files
+      while IFS= read -r name; do container+=(-e "$name"); done \
+        < <(compgen -e | grep -E '^(NCCL_|TORCH_|CUDA_|GLOO_|SLURM_|OMP_NUM_THREADS$|PYTHONUNBUFFERED$)' || true)
+      if [ "$DEVICE" = gpu ]; then container+=(--device nvidia.com/gpu=all); fi  # CDI (nvidia-ctk)
+      container+=("$CONTAINER_IMAGE") ;;
+    *)
+      echo "error: CONTAINER_RUNTIME=$CONTAINER_RUNTIME: expected pyxis, apptainer, singularity or podman" >&2
+      exit 2 ;;
+  esac
   PYTHON=${PYTHON:-python}
 elif [ -x "$ROOT/.venv/bin/python" ]; then
   PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
@@ -68,7 +96,7 @@ fi
 # shellcheck disable=SC2206  # EXTRA_ARGS: words on purpose
 extra=(${EXTRA_ARGS:-})
 echo "[slurm] job ${SLURM_JOB_ID} (restart ${RESTART}) on ${NNODES} node(s) x ${NPROC_PER_NODE} ranks," \
-  "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${DEVICE}, config ${CONFIG}${CONTAINER_IMAGE:+, image $CONTAINER_IMAGE}"
+  "rendezvous ${MASTER_ADDR}:${MASTER_PORT}, ${DEVICE}, config ${CONFIG}${CONTAINER_IMAGE:+, $CONTAINER_RUNTIME image $CONTAINER_IMAGE}"
 
 requeue=0
 # shellcheck disable=SC2317  # run by the traps below
@@ -86,7 +114,7 @@ trap on_usr1 USR1
 trap on_term TERM
 
 # in the background so that the traps run while it does
-srun "${srun_args[@]}" "$PYTHON" -m torch.distributed.run \
+srun "${srun_args[@]}" "${container[@]}" "$PYTHON" -m torch.distributed.run \
   --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" \
   --rdzv-id="$SLURM_JOB_ID.$RESTART" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
   "$ENTRY" --config "$CONFIG" "${extra[@]}" &

@@ -9,74 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from slurm_jobs import alive, free_port, job_state, log_text, wait_for
+from slurm_jobs import free_port, job_state, time_limit_requeue_resumes, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-SLURM_DIR = os.environ.get("LONGROPE2_SLURM_DIR", "/tmp/longrope2-slurm")
-
-
-@pytest.fixture(scope="module")
-def slurm_env():
-    pids = [Path(SLURM_DIR) / "slurmctld.pid", Path(SLURM_DIR) / "slurmd.pid"]
-    was_running = all(alive(p) for p in pids)
-    proc = subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "start"], capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode == 3:
-        pytest.skip(f"no local Slurm: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stderr
-    env = dict(os.environ, SLURM_CONF=f"{SLURM_DIR}/slurm.conf")
-    yield env
-    if not was_running:
-        subprocess.run(["bash", str(ROOT / "scripts/local_slurm.sh"), "stop"], check=False)
 
 
 def test_sbatch_midtrain_tiny_cpu_requeues_on_time_limit_and_resumes(slurm_env, tmp_path):
-    cfg = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    steps = 40
-    cfg.update(output_dir=str(tmp_path / "run"), train_steps=steps, save_interval=0)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    (tmp_path / "logs").mkdir()
-    env = dict(slurm_env, CONFIG=str(config), NPROC_PER_NODE="2", DEVICE="cpu", LONGROPE2_DIR=str(ROOT),
-               MASTER_PORT=str(free_port()))
-    # the script as a user submits it; only the header's GPU cluster shape is overridden
-    job = subprocess.run(["sbatch", "--parsable", "--nodes", "1", "--gpus-per-node", "0", "--time", "30",
-                          str(ROOT / "slurm/midtrain_128k.sh")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, check=True).stdout.strip().split(";")[0]
-    log = tmp_path / "logs" / f"longrope2-midtrain-{job}.out"  # #SBATCH --output=logs/%x-%j.out
-    try:
-        wait_for(lambda: "step      1 |" in log_text(log), 240, "the first training step", log)
-        # what Slurm sends 10 minutes before the time limit (--signal=B:USR1@600)
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-        wait_for(lambda: job_state(env, job) == "PENDING", 120, "the job to requeue itself", log)
-        # a requeued job is held ~2 minutes (Slurm's begin-time delay); release it now
-        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], env=env, check=True)
-        wait_for(lambda: job_state(env, job) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 300,
-              "the requeued job to finish", log)
-    finally:
-        if job_state(env, job) in ("PENDING", "RUNNING", "REQUEUED"):
-            subprocess.run(["scancel", job], env=env, check=False)
-    text = log.read_text()
-    assert job_state(env, job) == "COMPLETED", text[-3000:]
-
-    first, _, second = text.partition("(restart 1)")
-    assert "(restart 0)" in first and second, text[-3000:]
-    saved = int(re.search(r"\[train\] SIGTERM: saved step (\d+), stopping", first).group(1))
-    assert 1 <= saved < steps
-    assert f"requeueing job {job}" in first
-    assert re.search(rf"\[ckpt\] resumed from \S+iter_{saved:07d} at step {saved}", second)
-    losses = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step +(\d+) \| loss ([0-9.]+)", text, re.M)}
-    assert sorted(losses) == list(range(1, steps + 1)), sorted(losses)  # every step exactly once
-    assert losses[steps] < losses[1]
-    assert "[slurm] done (rc 0)" in second
-    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == f"iter_{steps:07d}"
+    time_limit_requeue_resumes(slurm_env, tmp_path)
 
 
 def _shell_scripts() -> list[Path]:
@@ -124,6 +69,65 @@ def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tm
     assert nccl["NCCL_SOCKET_IFNAME"] == "^lo,docker0" and nccl["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert nccl["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert "job 4242 (restart 0) on 8 node(s) x 8 ranks, rendezvous gpu-node-01:22420, gpu" in proc.stdout
+
+
+def _launch_with_stand_in_srun(tmp_path, **env_vars) -> subprocess.CompletedProcess:
+    """slurm/midtrain_128k.sh on 2 made-up nodes (job 77, third restart) with a stand-in ``srun``
+    that writes what it was asked to run, one argument per line, to ``tmp_path/args``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-%02d\\n" 1 2\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "CONTAINER_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
+               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu-node-[01-02]", SLURM_NNODES="2",
+               SLURM_CPUS_ON_NODE="64", SLURM_RESTART_COUNT="3", **env_vars)
+    return subprocess.run(["bash", str(ROOT / "slurm/midtrain_128k.sh")], env=env, capture_output=True, text=True)
+
+
+TORCHRUN_ON_TWO_NODES = ["python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=8",
+                         "--rdzv-id=77.3", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-01:20773",
+                         "launch/train.py", "--config", "configs/llama3_8b_128k.yaml"]
+
+
+def test_launcher_runs_torchrun_in_apptainer_with_the_checkout_bound_and_the_gpus(tmp_path):
+    """Not run for real (apptainer is not packaged here): the command line srun is given."""
+    proc = _launch_with_stand_in_srun(tmp_path, CONTAINER_RUNTIME="apptainer",
+                                      CONTAINER_IMAGE="/shared/longrope2.sif", CONTAINER_MOUNTS="/data:/data")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    start = args.index("apptainer")
+    assert args[start:] == ["apptainer", "exec", "--bind", f"{ROOT}:/opt/longrope2,/data:/data",
+                            "--pwd", "/opt/longrope2", "--nv", "/shared/longrope2.sif", *TORCHRUN_ON_TWO_NODES]
+    assert not any(a.startswith("--container-image") for a in args)  # not pyxis as well
+    assert "apptainer image /shared/longrope2.sif" in proc.stdout
+
+
+def test_launcher_podman_command_line_and_a_bad_runtime(tmp_path):
+    """The podman command line srun is given on GPU nodes (the CPU path runs for real in
+    tests/test_container.py); an unknown CONTAINER_RUNTIME is one line and exit 2."""
+    proc = _launch_with_stand_in_srun(tmp_path, CONTAINER_RUNTIME="podman", CONTAINER_IMAGE="longrope2:latest",
+                                      NCCL_IB_HCA="mlx5_0")
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "args").read_text().split("\n")[:-1]
+    start = args.index("podman")
+    end = args.index("longrope2:latest")
+    podman = args[start:end]
+    assert podman[:8] == ["podman", "run", "--rm", "--network", "host", "--uts", "host", "--ipc"]
+    assert ["-v", f"{ROOT}:/opt/longrope2"] == podman[podman.index("-v"):podman.index("-v") + 2]
+    passed = {podman[i + 1] for i, a in enumerate(podman) if a == "-e"}
+    assert {"NCCL_IB_HCA", "SLURM_JOB_ID", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "OMP_NUM_THREADS"} <= passed
+    assert not passed & {"PATH", "HOME", "LONGROPE2_DIR"}
+    assert podman[-2:] == ["--device", "nvidia.com/gpu=all"]
+    assert args[end + 1:] == TORCHRUN_ON_TWO_NODES
+
+    (tmp_path / "bin").rename(tmp_path / "bin-podman")
+    proc = _launch_with_stand_in_srun(tmp_path, CONTAINER_RUNTIME="docker", CONTAINER_IMAGE="x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: CONTAINER_RUNTIME=docker: expected pyxis, apptainer, singularity or podman"]
 
 
 def test_sbatch_search_tiny_cpu(slurm_env, tmp_path):
