@@ -1,6 +1,7 @@
-"""docker/: the Dockerfile cannot be built here (no Docker daemon, no access to nvcr.io), so it is
-linted (hadolint) and checked against what the CPU suite runs; run_single_node.sh is checked with
-a stand-in ``docker`` that records its arguments."""
+"""docker/ without building: the Dockerfile is linted (hadolint) and checked against what the CPU
+suite runs (its NGC default base cannot be pulled here; tests/test_container.py builds it on the CPU
+base and runs it); run_single_node.sh is checked with a stand-in ``docker`` that records its
+arguments."""
 
 from __future__ import annotations
 
