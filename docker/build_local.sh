@@ -97,6 +97,7 @@ say "image $IMAGE built in $((SECONDS - start)) s ($("$PODMAN" image inspect --f
 
 # --- inside it: no network, an unprivileged user, outputs in a mounted folder -------------------
 out=${SMOKE_DIR:-$ROOT/runs/image-smoke}
+rm -rf "$out/runs/tiny" "$out/search"  # a rerun starts over instead of resuming the last smoke run
 mkdir -p "$out"
 chmod 777 "$out"
 run=("$PODMAN" run --rm --network none --user 1000:1000 -v "$out:/out" -w /out -e OMP_NUM_THREADS=1 "$IMAGE")
