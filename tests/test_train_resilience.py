@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_train import LAUNCH, LAYOUTS, base_config, metrics, signal_run_at_step, write
@@ -148,3 +149,43 @@ def test_the_checkpoint_writers_results_queue_survives_sigterm():
         assert safe.get(timeout=10) == "kept"
     finally:
         filesystem_async._results_queue = previous
+
+
+_START_QUEUE_AND_WAIT = """
+import sys, time
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+if sys.argv[1] == "trainer":
+    from longrope2.train import trainer
+    trainer._preemption_safe_checkpoint_writer()
+queue = filesystem_async._get_write_results_queue()
+print(queue._manager._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _server_outlives_a_killed_parent(kind: str) -> bool:
+    """Start the writer's queue in a child process, SIGKILL the child, and report whether the
+    queue's server process is still alive 10 s later (it is then killed)."""
+    proc = subprocess.Popen([sys.executable, "-c", _START_QUEUE_AND_WAIT, kind], stdout=subprocess.PIPE, text=True)
+    server = int(proc.stdout.readline())
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return False
+        if Path(f"/proc/{server}/stat").read_text().split()[2] == "Z":  # exited, not yet reaped by init
+            return False
+        time.sleep(0.2)
+    os.kill(server, signal.SIGKILL)
+    return True
+
+
+def test_the_checkpoint_writers_queue_server_dies_with_its_killed_rank():
+    """A rank killed outright (SIGKILL, OOM) must leave no process behind: megatron's own queue
+    server is orphaned and lives on (the control), the trainer's, which ignores SIGTERM, dies
+    with its parent."""
+    assert _server_outlives_a_killed_parent("megatron")
+    assert not _server_outlives_a_killed_parent("trainer")

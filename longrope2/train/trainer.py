@@ -97,9 +97,12 @@ def _preemption_safe_checkpoint_writer() -> None:
     the process. Slurm's preemption (and ``scancel --signal=TERM``) sends SIGTERM to every
     process of the job step, that server included, which then dies, so the checkpoint the
     trainer writes on SIGTERM failed ("ForkAwareLocal ... no attribute 'connection'", seen on the
-    2-node local Slurm). The same queue, started ignoring SIGTERM, survives; SIGKILL still ends it.
+    2-node local Slurm). The same queue, started ignoring SIGTERM, survives; SIGKILL still ends it,
+    and so does its rank's death (an orphan ignoring SIGTERM outlived killed runs in CI).
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from longrope2.train.child_process import ignore_sigterm_and_die_with_parent
 
     if getattr(filesystem_async, "_results_queue", None) is not None:
         return
@@ -108,7 +111,7 @@ def _preemption_safe_checkpoint_writer() -> None:
 
     global _WRITER_MANAGER
     _WRITER_MANAGER = SyncManager(ctx=mp.get_context("spawn"))  # the context megatron's own queue uses
-    _WRITER_MANAGER.start(signal.signal, (signal.SIGTERM, signal.SIG_IGN))
+    _WRITER_MANAGER.start(ignore_sigterm_and_die_with_parent)
     filesystem_async._results_queue = _WRITER_MANAGER.Queue()
 
 
