@@ -40,18 +40,27 @@ def test_shellcheck_every_shell_script():
     assert proc.returncode == 0, proc.stdout
 
 
-def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tmp_path):
-    """The 8-node command line, with stand-ins for srun and scontrol (no cluster needed)."""
+def _stand_in_slurm(tmp_path: Path, hosts: list[str]) -> dict[str, str]:
+    """An environment for the Slurm scripts without a cluster: stand-ins for ``srun`` (writes its
+    arguments, one per line, to ``tmp_path/args`` and its NCCL/TORCH/CUDA_DEVICE variables to
+    ``tmp_path/args.env``) and ``scontrol show hostnames`` (prints ``hosts``), first on PATH; the
+    caller's own SLURM_/NCCL_/CONTAINER_ variables removed."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n'
                                   'env | grep -E "^(NCCL|TORCH|CUDA_DEVICE)" | sort > "$ARGS_OUT.env"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-%02d\\n" 1 2 3 4 5 6 7 8\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf '%s\\n' " + " ".join(hosts) + "\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
-               SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[01-08]", SLURM_NNODES="8",
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "CONTAINER_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT))
+    return env
+
+
+def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tmp_path):
+    """The 8-node command line, with stand-ins for srun and scontrol (no cluster needed)."""
+    env = _stand_in_slurm(tmp_path, [f"gpu-node-{i:02d}" for i in range(1, 9)])
+    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu-node-[01-08]", SLURM_NNODES="8",
                SLURM_CPUS_ON_NODE="128", CONTAINER_IMAGE="/shared/longrope2.sqsh", CONTAINER_MOUNTS="/data:/data",
                NCCL_IB_HCA="mlx5_0,mlx5_1")
     proc = subprocess.run(["bash", str(ROOT / "slurm/midtrain_128k.sh")], env=env, capture_output=True, text=True)
@@ -72,17 +81,9 @@ def test_launcher_runs_one_torchrun_per_node_with_c10d_nccl_and_the_container(tm
 
 
 def _launch_with_stand_in_srun(tmp_path, **env_vars) -> subprocess.CompletedProcess:
-    """slurm/midtrain_128k.sh on 2 made-up nodes (job 77, third restart) with a stand-in ``srun``
-    that writes what it was asked to run, one argument per line, to ``tmp_path/args``."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-node-%02d\\n" 1 2\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "CONTAINER_"))}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
-               SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu-node-[01-02]", SLURM_NNODES="2",
+    """slurm/midtrain_128k.sh on 2 made-up nodes (job 77, third restart) under ``_stand_in_slurm``."""
+    env = _stand_in_slurm(tmp_path, ["gpu-node-01", "gpu-node-02"])
+    env.update(SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu-node-[01-02]", SLURM_NNODES="2",
                SLURM_CPUS_ON_NODE="64", SLURM_RESTART_COUNT="3", **env_vars)
     return subprocess.run(["bash", str(ROOT / "slurm/midtrain_128k.sh")], env=env, capture_output=True, text=True)
 
@@ -123,7 +124,6 @@ def test_launcher_podman_command_line_and_a_bad_runtime(tmp_path):
     assert podman[-2:] == ["--device", "nvidia.com/gpu=all"]
     assert args[end + 1:] == TORCHRUN_ON_TWO_NODES
 
-    (tmp_path / "bin").rename(tmp_path / "bin-podman")
     proc = _launch_with_stand_in_srun(tmp_path, CONTAINER_RUNTIME="docker", CONTAINER_IMAGE="x")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -155,15 +155,8 @@ def test_sbatch_search_tiny_cpu(slurm_env, tmp_path):
 
 
 def test_search_script_resumes_after_a_requeue(tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho node1\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}:{env['PATH']}", ARGS_OUT=str(tmp_path / "args"), LONGROPE2_DIR=str(ROOT),
-               SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1")
+    env = _stand_in_slurm(tmp_path, ["node1"])
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node1", SLURM_NNODES="1")
     for restarts, tail in (("0", ["launch/search.py", "--config", "configs/search/smollm2_32k_gpu.yaml"]),
                            ("2", ["launch/search.py", "--config", "configs/search/smollm2_32k_gpu.yaml", "--resume"])):
         subprocess.run(["bash", str(ROOT / "slurm/search.sh")], env=dict(env, SLURM_RESTART_COUNT=restarts),
