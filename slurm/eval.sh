@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `longrope2 eval` on a Slurm cluster: one model replica per GPU, each rank evaluating a disjoint
-# share of the cells by a stable hash of the cell's key; rank 0 merges the rank files into
-# results.jsonl and writes the report (default: 1 node x 8 GPUs, configs/eval/smollm2_ruler_4k.yaml).
+# share of the cells still to do (every world-th, so a rerun resumes); rank 0 merges the rank
+# files into results.jsonl and writes the report (default: 1 node x 8 GPUs, configs/eval/smollm2_ruler_4k.yaml).
 #
 #   mkdir -p logs && CONFIG=configs/eval/my_ruler_128k.yaml sbatch --nodes 4 slurm/eval.sh
 #   CONFIG=configs/eval/smollm2_ruler_4k.yaml NPROC_PER_NODE=2 DEVICE=cpu \

@@ -145,7 +145,8 @@ def markdown(config, summary: dict, geometry, elapsed: float, complete: bool) ->
             elif task == "ruler":
                 source = f"RULER's data files in {section.data_dir}" if section.data_dir else \
                     "generated here (eval/ruler_gen.py)"
-                extra = f" x {len(section.tasks)} tasks, {source}" + (", chat template" if section.chat_template else "")
+                extra = (f" x {len(section.tasks)} tasks asked (those skipped are named below), {source}"
+                         + (", chat template" if section.chat_template else ""))
             elif task in ("book_ppl", "short_ppl"):
                 extra = f", last {section.last_tokens} tokens scored"
             counts.append(f"{task} {section.samples}{extra}")

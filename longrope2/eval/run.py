@@ -14,10 +14,11 @@ Cells run length by length (shortest first), each length for every rope, so an i
 already compares the ropes on the lengths it finished. Generation tasks decode ``batch_size``
 prompts of one task and length per forward (``greedy_generate_batch``).
 
-Under torchrun each rank holds a model replica and takes the cells whose key hashes (crc32) to
-its rank, writing ``results.rank<R>.jsonl``; every rank reads every results file first, so a rerun
-with another world size skips whatever any earlier run finished. Rank 0 writes the reports and,
-once all ranks are through, appends the rank files to ``results.jsonl`` and removes them.
+Under torchrun each rank holds a model replica, reads every results file first (so a rerun with
+any world size skips whatever an earlier run finished) and takes every world-th of the cells left,
+in the order they run (``Ranks.share``), writing ``results.rank<R>.jsonl``. Rank 0 writes the
+reports and, once all ranks are through, appends the rank files to ``results.jsonl`` and removes
+them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import json
 import os
 import sys
 import time
-import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -99,9 +99,15 @@ class Ranks:
     rank: int = 0
     world: int = 1
 
-    def owns(self, key: str) -> bool:
-        """A stable share: the same key lands on the same rank for a given world size."""
-        return zlib.crc32(key.encode()) % self.world == self.rank
+    def share(self, pending: list[str]) -> set[str]:
+        """This rank's keys among ``pending`` (the cells no run has finished, in the order they
+        run): every world-th one, so each task, length and rope splits evenly whatever an
+        earlier run left over. Every rank computes ``pending`` from the same snapshot of the
+        results files (``run_eval`` holds a barrier before anyone writes), so the shares are
+        disjoint and together are exactly what is left. (A crc32 of the key, used before, gave
+        every task the same split, 4 of 10 indices to rank 0 of 2, and a resumed run 8 cells on
+        one rank and 24 on the other.)"""
+        return set(pending[self.rank::self.world])
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -383,8 +389,8 @@ def run_eval(config: EvalConfig, model=None, hf_tokenizer=None, progress: bool =
     store = ResultStore(out, ranks)
     evaluator = Evaluator(config, model, tokenizer, _books(config), hf_tokenizer)
     groups, skipped = plan(config, evaluator.ruler_samples)
-    mine = [(c, r) for _, _, cells in groups for c in cells for r in ropes if ranks.owns(c.key(r))]
-    done = sum(c.key(r) in store for c, r in mine)
+    mine = ranks.share([c.key(r) for _, _, cells in groups for r in ropes for c in cells if c.key(r) not in store])
+    ranks.barrier()  # every rank has its share of the same snapshot before anyone writes a result
 
     def report(**kwargs):
         if ranks.rank == 0:
@@ -392,7 +398,7 @@ def run_eval(config: EvalConfig, model=None, hf_tokenizer=None, progress: bool =
             return write_report(config, out, ropes, store.records.values(), switch.geometry, started,
                                 skipped=skipped, **kwargs)
 
-    bar = tqdm(total=len(mine), initial=done, desc=f"eval cells (rank {ranks.rank}/{ranks.world})",
+    bar = tqdm(total=len(mine), desc=f"eval cells (rank {ranks.rank}/{ranks.world})",
                disable=not progress or ranks.rank != 0, dynamic_ncols=True, file=sys.stderr)
     last_length, computed = None, False
     for length, task, cells in groups:
@@ -402,7 +408,7 @@ def run_eval(config: EvalConfig, model=None, hf_tokenizer=None, progress: bool =
         last_length = length
         step = 1 if task in PPL_TASKS else config.batch_size
         for rope in ropes:
-            todo = [c for c in cells if c.key(rope) not in store and ranks.owns(c.key(rope))]
+            todo = [c for c in cells if c.key(rope) in mine]
             if not todo:
                 continue
             computed = True
