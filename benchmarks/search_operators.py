@@ -102,7 +102,8 @@ def main() -> None:
             config = args.work / f"{name}.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(yaml.safe_dump({
-                **source(args.checkpoint, args.work), "target_length": args.target_length, "output_dir": str(args.work / name),
+                **source(args.checkpoint, args.work), "target_length": args.target_length,
+                "output_dir": str(args.work / name),
                 "needle": {"documents": args.documents, "heldout_documents": args.heldout_documents,
                            "heldout_depths": [0.5]},
                 "baselines": ["original", "yarn"],
