@@ -124,7 +124,7 @@ def main() -> None:
             print(json.dumps({"seed": seed, "operator": operator, **runs[operator]}), flush=True)
         step, neighbour = runs["step"], runs["neighbour"]
         assert step["evaluations"] == neighbour["evaluations"], "the two searches must make equal evaluations"
-        rows.append({"seed": seed, **{f"{op}": runs[op] for op in OPERATORS},
+        rows.append({"seed": seed, **runs,
                      "initial_best": step["best_per_generation"][0],
                      "step_over_neighbour": step["best"] / neighbour["best"]})
     baselines = json.loads((args.work / f"seed{args.seeds[0]}-step" / "best.json").read_text())

@@ -173,10 +173,9 @@ def _server_outlives_a_killed_parent(kind: str) -> bool:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            os.kill(server, 0)
-        except ProcessLookupError:
-            return False
-        if Path(f"/proc/{server}/stat").read_text().split()[2] == "Z":  # exited, not yet reaped by init
+            if Path(f"/proc/{server}/stat").read_text().split()[2] == "Z":  # exited, not yet reaped by init
+                return False
+        except FileNotFoundError:  # exited and reaped
             return False
         time.sleep(0.2)
     os.kill(server, signal.SIGKILL)
