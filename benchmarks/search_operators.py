@@ -34,14 +34,45 @@ ROOT = Path(__file__).resolve().parents[1]
 OPERATORS = ("neighbour", "step")
 
 
+def every_document_range(lines: list[str]) -> list[str]:
+    """Search-score log lines rewritten for every document range their documents cover.
+
+    A search score is one answer NLL per document of its range (``<rope>/docs<start>-<stop>``),
+    each document forwarded on its own, so the NLLs of documents 0-2 scored together are those
+    of 0-1 and 1-3 scored apart: an exhaustive run's log then serves a halving run's stages
+    (and the other way round). Only valid between runs on the same needle documents."""
+    per_document: dict[str, dict[int, float | None]] = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # cut by a kill: scored again
+            continue
+        rope, span = entry["key"].rsplit("/docs", 1)
+        start, stop = map(int, span.split("-"))
+        per_document.setdefault(rope, {}).update(zip(range(start, stop), entry["score"]))
+    out = []
+    for rope, nll in per_document.items():
+        for start in nll:
+            stop = start
+            while stop in nll:
+                stop += 1
+                out.append(json.dumps({"tag": "earlier-runs", "key": f"{rope}/docs{start}-{stop}",
+                                       "score": [nll[d] for d in range(start, stop)]}) + "\n")
+    return out
+
+
 def search(config: Path, out: Path, workers: int, port: int, logs: list[Path]) -> dict:
-    """One search under torchrun, seeded with the score logs of earlier runs; its best.json."""
+    """One search under torchrun, seeded with the score logs of earlier runs on the same needle
+    documents (search scores for every document range they cover); its best.json."""
     if (out / "best.json").exists():
         return json.loads((out / "best.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    for kind in ("scores", "heldout"):  # read on --resume as known scores, never appended to
-        shared = out / f"{kind}.worker-earlier-runs.jsonl"
-        shared.write_text("".join(p.read_text() for p in logs if p.name.startswith(kind) and p.parent != out))
+    earlier = [p for p in logs if p.parent != out]
+    search_lines = [line for p in earlier if p.name.startswith("scores") for line in p.read_text().splitlines()]
+    # read on --resume as known scores, never appended to
+    (out / "scores.worker-earlier-runs.jsonl").write_text("".join(every_document_range(search_lines)))
+    (out / "heldout.worker-earlier-runs.jsonl").write_text(
+        "".join(p.read_text() for p in earlier if p.name.startswith("heldout")))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(ROOT / "launch" / "search.py"), "--config", str(config),
            "--output-dir", str(out), "--resume"]
