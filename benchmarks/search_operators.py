@@ -73,6 +73,12 @@ def search(config: Path, out: Path, workers: int, port: int, logs: list[Path]) -
     (out / "scores.worker-earlier-runs.jsonl").write_text("".join(every_document_range(search_lines)))
     (out / "heldout.worker-earlier-runs.jsonl").write_text(
         "".join(p.read_text() for p in earlier if p.name.startswith("heldout")))
+    # what those scores were computed on: the search refuses to start if its own documents differ
+    recorded = {(p.parent / "scored_on.json").read_text() for p in earlier if (p.parent / "scored_on.json").exists()}
+    if len(recorded) > 1:
+        raise SystemExit(f"the earlier runs next to {out} were scored on different documents or models")
+    if recorded and not (out / "scored_on.json").exists():
+        (out / "scored_on.json").write_text(recorded.pop())
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={workers}", "--master_addr=127.0.0.1",
            f"--master_port={port}", str(ROOT / "launch" / "search.py"), "--config", str(config),
            "--output-dir", str(out), "--resume"]

@@ -207,6 +207,27 @@ def test_resume_inside_the_first_generation(config, single):
     assert len(after) == len(set(after)) == len(_logged_keys(single))  # the 6 were not scored again
 
 
+def test_resume_on_other_documents_is_refused_in_one_line(config, single):
+    """Score keys name the rope and the document range only: a --resume whose needle documents
+    differ from those the logged scores were computed on (here another needle seed) stops with
+    one line naming what changed, before any score is reused; the same config resumes."""
+    import shutil
+
+    root, path = config
+    out = root / "other-documents"
+    shutil.copytree(single, out)
+    values = yaml.safe_load(path.read_text())
+    values["needle"]["seed"] = 7
+    (root / "other-seed.yaml").write_text(yaml.safe_dump(values))
+    proc = run_torchrun(1, LAUNCH, "--config", str(root / "other-seed.yaml"), "--output-dir", str(out), "--resume")
+    assert proc.returncode != 0
+    assert f"longrope2 search: error: {out} holds scores computed with other documents (see scored_on.json)" \
+        in proc.stderr
+    assert json.loads((out / "scored_on.json").read_text()) == json.loads((single / "scored_on.json").read_text())
+    _search(config, "other-documents", 1, "--resume")  # its own config: the search is complete, nothing changes
+    assert json.loads((out / "state.json").read_text()) == json.loads((single / "state.json").read_text())
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs/search").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_search_preset_loads(path):

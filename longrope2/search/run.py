@@ -5,6 +5,7 @@ same deterministic algorithm; the pool shares the scoring; rank 0 writes the fil
 
     state.json            everything needed to resume, rewritten atomically every generation
     scores.worker*.jsonl  every score as it is computed (a killed generation is not re-scored)
+    scored_on.json        what the logged scores depend on (model, dtype, documents); --resume checks it
     best.json             best factors, critical dim and needle-PPL
     rope_config.json      HF ``longrope`` fields for config.json (transformers >= 5 style)
     rope_config.rope_scaling.json   the same in the legacy ``rope_scaling`` style (4.x, vLLM)
@@ -116,6 +117,32 @@ def scaling_key(scaling) -> str:
         return "original"
     payload = json.dumps([[round(x, 9) for x in scaling.long_factor], round(scaling.resolved_attention_factor, 9)])
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def scored_on(config: SearchConfig, model_cfg, documents, heldout_documents) -> dict[str, str]:
+    """What a logged score depends on besides its rope: the model, the dtype and the needle
+    documents (tokens and answer positions, so the tokenizer, books, seeds, depths and length).
+    Score keys name only the rope and the document range, so scores are reused only where this
+    matches."""
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
+
+    weights = str(config.checkpoint) if config.checkpoint is not None else f"random, seed {config.seed}"
+    return {"weights": weights, "model_config": digest(repr(model_cfg)), "dtype": config.dtype,
+            "documents": digest([[d.tokens, d.answer_start] for d in documents]),
+            "heldout_documents": digest([[d.tokens, d.answer_start] for d in heldout_documents])}
+
+
+def check_scored_on(path: Path, current: dict[str, str]) -> None:
+    """The scores logged in ``path``'s folder were computed on what ``current`` names (or none
+    are recorded yet); else a --resume would mix in scores of another model or other documents."""
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = [k for k in current if recorded.get(k) != current[k]]
+        if changed:
+            raise ValueError(f"{path.parent} holds scores computed with other {', '.join(changed).replace('_', ' ')} "
+                             f"(see {path.name}); --resume would reuse them as this config's: choose another output_dir")
+    _atomic_write(path, json.dumps(current, indent=1))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -246,7 +273,10 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
                 load_books(progress=False)
             dist.barrier()
         documents = needle_documents(config, tokenizer)
+        heldout_documents = needle_documents(config, tokenizer, heldout=True) if config.needle.heldout_documents else []
         scorer = NeedleScorer(model, documents)
+        if rank == 0:
+            check_scored_on(out_dir / "scored_on.json", scored_on(config, model_cfg, documents, heldout_documents))
 
         # state and every score already computed (rank 0 reads, everyone gets the same)
         state, known, known_heldout = evo.SearchState(), {}, {}
@@ -304,7 +334,7 @@ def run_search(config: SearchConfig, resume: bool = False) -> dict[str, Any] | N
             champion, _ = evo.best(state)
             finalists = {"longrope2": RopeScaling.from_factors(geometry, config.target_length,
                                                                champion.factors(space)), **baselines}
-            heldout_scorer = NeedleScorer(model, needle_documents(config, tokenizer, heldout=True))
+            heldout_scorer = NeedleScorer(model, heldout_documents)
             heldout_pool = CandidatePool(heldout_scorer.score, out_dir / f"heldout.worker{worker}.jsonl",
                                          config.worker_timeout_s)
             scores = heldout_pool.score("heldout", list(finalists.values()),
