@@ -30,34 +30,33 @@ from pathlib import Path
 
 import yaml
 
+from longrope2.search.pool import _finite_or_none
+from longrope2.search.run import _logged_scores
+
 ROOT = Path(__file__).resolve().parents[1]
 OPERATORS = ("neighbour", "step")
 
 
-def every_document_range(lines: list[str]) -> list[str]:
+def every_document_range(logs: list[Path]) -> list[str]:
     """Search-score log lines rewritten for every document range their documents cover.
 
     A search score is one answer NLL per document of its range (``<rope>/docs<start>-<stop>``),
     each document forwarded on its own, so the NLLs of documents 0-2 scored together are those
     of 0-1 and 1-3 scored apart: an exhaustive run's log then serves a halving run's stages
     (and the other way round). Only valid between runs on the same needle documents."""
-    per_document: dict[str, dict[int, float | None]] = {}
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # cut by a kill: scored again
-            continue
-        rope, span = entry["key"].rsplit("/docs", 1)
+    per_document: dict[str, dict[int, float]] = {}
+    for key, nll in _logged_scores(logs).items():
+        rope, span = key.rsplit("/docs", 1)
         start, stop = map(int, span.split("-"))
-        per_document.setdefault(rope, {}).update(zip(range(start, stop), entry["score"]))
+        per_document.setdefault(rope, {}).update(zip(range(start, stop), nll))
     out = []
     for rope, nll in per_document.items():
         for start in nll:
             stop = start
             while stop in nll:
                 stop += 1
-                out.append(json.dumps({"tag": "earlier-runs", "key": f"{rope}/docs{start}-{stop}",
-                                       "score": [nll[d] for d in range(start, stop)]}) + "\n")
+                score = _finite_or_none([nll[d] for d in range(start, stop)])
+                out.append(json.dumps({"tag": "earlier-runs", "key": f"{rope}/docs{start}-{stop}", "score": score}) + "\n")
     return out
 
 
@@ -68,13 +67,14 @@ def search(config: Path, out: Path, workers: int, port: int, logs: list[Path]) -
         return json.loads((out / "best.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     earlier = [p for p in logs if p.parent != out]
-    search_lines = [line for p in earlier if p.name.startswith("scores") for line in p.read_text().splitlines()]
     # read on --resume as known scores, never appended to
-    (out / "scores.worker-earlier-runs.jsonl").write_text("".join(every_document_range(search_lines)))
+    (out / "scores.worker-earlier-runs.jsonl").write_text(
+        "".join(every_document_range([p for p in earlier if p.name.startswith("scores")])))
     (out / "heldout.worker-earlier-runs.jsonl").write_text(
         "".join(p.read_text() for p in earlier if p.name.startswith("heldout")))
     # what those scores were computed on: the search refuses to start if its own documents differ
-    recorded = {(p.parent / "scored_on.json").read_text() for p in earlier if (p.parent / "scored_on.json").exists()}
+    recorded = {(run / "scored_on.json").read_text() for run in {p.parent for p in earlier}
+                if (run / "scored_on.json").exists()}
     if len(recorded) > 1:
         raise SystemExit(f"the earlier runs next to {out} were scored on different documents or models")
     if recorded and not (out / "scored_on.json").exists():
