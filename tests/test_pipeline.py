@@ -107,7 +107,7 @@ def _pipeline(config: Path, *args: str, kill_when=None, timeout: float = 900, to
     """Run the pipeline in its own session (``torchrun``: under torchrun with 2 ranks, the
     in-process launch); ``kill_when()`` true -> SIGKILL it and every descendant."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    from tests.torchrun import free_port, kill_tree, torchrun_command
+    from tests.torchrun import free_port, kill_tree, processes_mentioning, torchrun_command
 
     values = yaml.safe_load(config.read_text())
     values["master_port"] = free_port()
@@ -124,6 +124,9 @@ def _pipeline(config: Path, *args: str, kill_when=None, timeout: float = 900, to
             if kill_when is not None and kill_when():
                 kill_tree(proc.pid)  # the pipeline, torchrun and its ranks (in their own sessions)
                 proc.wait()
+                time.sleep(1)  # SIGKILLed processes are gone once their parents reap them
+                left = processes_mentioning(str(config.parent))
+                assert not left, f"processes of the killed run still running: {left}"
                 return -9, log.read_text()
             if time.time() > deadline:
                 kill_tree(proc.pid)

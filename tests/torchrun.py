@@ -91,10 +91,35 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (a killed one's is empty)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="ignore"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
 def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants at once, as a node failure would (a kill of the
-    process group misses torchrun's workers: they run in their own sessions)."""
-    for p in [pid, *descendants(pid)]:
+    """SIGKILL ``pid`` and all its descendants, as a node failure would (a kill of the process
+    group misses torchrun's workers: they run in their own sessions). The tree is frozen first:
+    SIGSTOP to every process found, again until a scan finds no new one, so that a process
+    started while the tree is being listed (the pipeline launching its next stage's torchrun)
+    is caught too rather than orphaned and left running."""
+    stopped: list[int] = []
+    todo = [pid]
+    while todo:
+        for p in todo:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+            stopped.append(p)
+        todo = [p for p in descendants(pid) if p not in stopped]
+    for p in stopped:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:
