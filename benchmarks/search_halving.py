@@ -10,6 +10,13 @@ the exhaustive run) says how much a first rung can know.
 
     python benchmarks/search_halving.py --out results/search_halving_cpu.json
 
+On the miniature replication's pre-trained model (``longrope2 pipeline --config
+configs/pipeline/mini_replication.yaml --only prepare``, then ``--only pretrain``), 20 min here:
+
+    OMP_NUM_THREADS=1 python benchmarks/search_halving.py --checkpoint runs/mini_replication/pretrain/hf \
+        --target-length 2048 --margins 0 0.02 0.05 --workers 2 --work runs/search_halving_mini \
+        --out results/search_halving_mini_margins_cpu.json
+
 The default model is the tiny preset with random weights (std 0.3, so candidates differ): the
 real scorer, the real search and the real books, seconds per search on CPU; its needle-PPL
 landscape is not a trained model's. On SmolLM2-135M at 12k (75-145 s per document-forward per
